@@ -1,0 +1,5 @@
+import sys
+
+from jaxsql.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""The `jaxsql` command: one dispatcher, one module per room of the house.
+
+Each module in `COMMAND_MODULES` has ``register(sub, bench)`` that adds its
+subcommands to `sub` and its benchmarks to `bench` (the ``jaxsql bench ...``
+group). Every handler is ``handler(args) -> int`` and imports heavy packages
+(jax, torch) lazily so that ``jaxsql --help`` and ``jaxsql exec`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from jaxsql.errors import JaxsqlError
+
+COMMAND_MODULES = (
+    "jaxsql.cli.sql_cmds",
+    "jaxsql.cli.model_cmds",
+    "jaxsql.cli.data_cmds",
+    "jaxsql.cli.train_cmds",
+    "jaxsql.cli.demo_cmd",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 on usage errors, which is what we want."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="jaxsql",
+        description="Train language models to write SQL by RL from execution feedback.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench_parser = sub.add_parser("bench", help="benchmarks (sql, generate, grpo)")
+    bench = bench_parser.add_subparsers(dest="bench_target", metavar="TARGET")
+    bench_parser.set_defaults(func=lambda args: _missing(bench_parser))
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, bench)
+    return parser
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `jaxsql` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except JaxsqlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Learning: GRPO/DAPO/Dr.GRPO losses and advantages, rollout, trainer, SFT, checkpoints."""
