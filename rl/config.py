@@ -1,0 +1,302 @@
+"""Configuration of GRPO and SFT runs: frozen dataclasses loaded from YAML.
+
+Load with ``load_train_config(path, overrides)`` / ``load_sft_config``; every
+value is validated at construction and a bad one fails naming
+``Section.field``. Sections:
+
+- `ModelSection`: which weights (an HF directory or a ``models.config`` preset) and tokenizer.
+- `DataSection`: which examples, prompt format, batch size, shuffle seed.
+- `SamplingSection`: G samples per prompt, lengths, temperature / top-p / top-k.
+- `AlgoSection`: advantage, loss aggregation, clip, KL, inner iterations, TIS, dynamic sampling.
+- `OptimSection`: AdamW, warmup + schedule, gradient clipping, micro-batches.
+- `CheckpointSection`: where and how often, how many to keep, HF export.
+- `MeshSection`: mesh shape (data, fsdp, tensor).
+- ``reward``: a free mapping handed to ``jaxsql.rewards.RewardConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from jaxsql.config import load_config, require, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Weights and tokenizer.
+
+    Attributes:
+      path: HF checkpoint directory (config.json + safetensors + tokenizer), or "".
+      preset: a ``models.config`` preset name used with random weights when `path` is "".
+      tokenizer: tokenizer directory/file; "" means the one in `path`.
+      dtype: parameter dtype for training (float32 or bfloat16).
+      init_seed: seed of random initialisation (only with `preset`).
+    """
+
+    path: str = ""
+    preset: str = ""
+    tokenizer: str = ""
+    dtype: str = "float32"
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(bool(self.path) or bool(self.preset), "ModelSection", "path",
+                "set model.path (HF directory) or model.preset")
+        require(self.dtype in ("float32", "bfloat16"), "ModelSection", "dtype",
+                f"must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Examples and prompts.
+
+    Attributes:
+      source: reader name ("synthetic", "jsonl", "spider", ...).
+      path: dataset location ("" for the embedded synthetic benchmark).
+      split: split name.
+      prompt_format: "plain", "think" or "cocte".
+      batch_size: prompts per step (each sampled G times in GRPO).
+      shuffle_seed: seed of the deterministic shuffle.
+      max_prompt_len: prompts longer than this (tokens) are left-truncated.
+      max_target_len: SFT target length cap (tokens).
+    """
+
+    source: str = "synthetic"
+    path: str = ""
+    split: str = "train"
+    prompt_format: str = "plain"
+    batch_size: int = 4
+    shuffle_seed: int = 0
+    max_prompt_len: int = 512
+    max_target_len: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "DataSection", "batch_size", "must be >= 1")
+        require(self.prompt_format in ("plain", "think", "cocte"), "DataSection", "prompt_format",
+                f"must be plain, think or cocte, got {self.prompt_format!r}")
+        require(self.max_prompt_len >= 8, "DataSection", "max_prompt_len", "must be >= 8")
+        require(self.max_target_len >= 1, "DataSection", "max_target_len", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSection:
+    """Rollout sampling.
+
+    Attributes:
+      num_generations: G completions per prompt.
+      max_new_tokens: completion length cap (also Dr. GRPO's L_max).
+      temperature, top_p, top_k: sampling (top_k 0 = off).
+      ignore_stop: never stop early (benchmarks).
+    """
+
+    num_generations: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    ignore_stop: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.num_generations >= 2, "SamplingSection", "num_generations",
+                "GRPO needs at least 2 samples per prompt")
+        require(self.max_new_tokens >= 1, "SamplingSection", "max_new_tokens", "must be >= 1")
+        require(self.temperature > 0, "SamplingSection", "temperature", "must be > 0")
+        require(0 < self.top_p <= 1, "SamplingSection", "top_p", "must be in (0, 1]")
+        require(self.top_k >= 0, "SamplingSection", "top_k", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoSection:
+    """The policy-gradient algorithm (see rl/algo.py for the formulas).
+
+    Attributes:
+      advantage: grpo | batch | drgrpo | none.
+      loss_agg: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm.
+      eps_low, eps_high: PPO clip range [1-eps_low, 1+eps_high].
+      beta: k3 KL weight; 0 skips the reference model entirely.
+      num_iterations: mu, optimizer steps per rollout batch (old log-probs cached).
+      tis_cap: truncated importance-sampling cap C, or null for none.
+      dynamic_sampling: DAPO: drop groups whose rewards are all equal and refill.
+      max_refill_batches: how many extra batches dynamic sampling may draw per step.
+      adv_eps: epsilon in the std normalisation.
+    """
+
+    advantage: str = "grpo"
+    loss_agg: str = "seq_mean_token_mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.04
+    num_iterations: int = 1
+    tis_cap: float | None = None
+    dynamic_sampling: bool = False
+    max_refill_batches: int = 4
+    adv_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        from rl import algo
+
+        names = algo.known_names()
+        require(self.advantage in names["advantage"], "AlgoSection", "advantage",
+                f"unknown {self.advantage!r}; known: {names['advantage']}")
+        require(self.loss_agg in names["loss_agg"], "AlgoSection", "loss_agg",
+                f"unknown {self.loss_agg!r}; known: {names['loss_agg']}")
+        require(0 <= self.eps_low < 1, "AlgoSection", "eps_low", "must be in [0, 1)")
+        require(self.eps_high >= 0, "AlgoSection", "eps_high", "must be >= 0")
+        require(self.beta >= 0, "AlgoSection", "beta", "must be >= 0")
+        require(self.num_iterations >= 1, "AlgoSection", "num_iterations", "must be >= 1")
+        require(self.tis_cap is None or self.tis_cap >= 1.0, "AlgoSection", "tis_cap",
+                "must be null or >= 1")
+        require(self.max_refill_batches >= 0, "AlgoSection", "max_refill_batches", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """AdamW with linear warmup then a decay schedule, and global-norm clipping.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      warmup_steps: linear warmup from 0.
+      schedule: cosine | linear | constant (decay after warmup to `final_lr_ratio` x peak).
+      final_lr_ratio: end value as a fraction of the peak.
+      weight_decay, b1, b2, eps: AdamW.
+      max_grad_norm: global-norm clip (0 = off).
+      micro_batches: gradient-accumulation micro-batches per optimizer step.
+    """
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.learning_rate > 0, "OptimSection", "learning_rate", "must be > 0")
+        require(self.warmup_steps >= 0, "OptimSection", "warmup_steps", "must be >= 0")
+        require(self.schedule in ("cosine", "linear", "constant"), "OptimSection", "schedule",
+                f"must be cosine, linear or constant, got {self.schedule!r}")
+        require(0 <= self.final_lr_ratio <= 1, "OptimSection", "final_lr_ratio", "must be in [0, 1]")
+        require(self.max_grad_norm >= 0, "OptimSection", "max_grad_norm", "must be >= 0")
+        require(self.micro_batches >= 1, "OptimSection", "micro_batches", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Checkpointing and export.
+
+    Attributes:
+      every_steps: save every N optimizer steps (0 = only at the end / on SIGTERM).
+      max_to_keep: keep the N most recent.
+      async_save: write in the background.
+      export_hf: write an HF checkpoint to ``<run_dir>/hf`` at the end.
+    """
+
+    every_steps: int = 50
+    max_to_keep: int = 3
+    async_save: bool = True
+    export_hf: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.every_steps >= 0, "CheckpointSection", "every_steps", "must be >= 0")
+        require(self.max_to_keep >= 1, "CheckpointSection", "max_to_keep", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Device mesh; -1 on one axis takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        dims = (self.data, self.fsdp, self.tensor)
+        require(all(d == -1 or d >= 1 for d in dims), "MeshSection", "data",
+                "each axis must be >= 1 or -1")
+        require(sum(d == -1 for d in dims) <= 1, "MeshSection", "data", "at most one axis may be -1")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        """Concrete (data, fsdp, tensor) for `num_devices` devices."""
+        dims = [self.data, self.fsdp, self.tensor]
+        if -1 in dims:
+            known = 1
+            for d in dims:
+                if d != -1:
+                    known *= d
+            require(num_devices % known == 0, "MeshSection", "data",
+                    f"{num_devices} devices are not divisible by {known}")
+            dims[dims.index(-1)] = num_devices // known
+        return tuple(dims)  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A GRPO run (`jaxsql train`)."""
+
+    run_dir: str
+    model: ModelSection
+    data: DataSection = DataSection()
+    sampling: SamplingSection = SamplingSection()
+    algo: AlgoSection = AlgoSection()
+    optim: OptimSection = OptimSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshSection = MeshSection()
+    reward: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "TrainConfig", "run_dir", "must be set")
+        require(self.steps >= 1, "TrainConfig", "steps", "must be >= 1")
+        require(self.log_every >= 1, "TrainConfig", "log_every", "must be >= 1")
+        n = self.data.batch_size * self.sampling.num_generations
+        require(n % self.optim.micro_batches == 0, "OptimSection", "micro_batches",
+                f"must divide batch_size x num_generations = {n}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig:
+    """A supervised cold start (`jaxsql sft`): cross-entropy on completion tokens."""
+
+    run_dir: str
+    model: ModelSection
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection(learning_rate=1e-4)
+    checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshSection = MeshSection()
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "SftConfig", "run_dir", "must be set")
+        require(self.steps >= 1, "SftConfig", "steps", "must be >= 1")
+        require(self.data.batch_size % self.optim.micro_batches == 0, "OptimSection", "micro_batches",
+                f"must divide data.batch_size = {self.data.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """`TrainConfig` from YAML plus ``a.b=value`` overrides."""
+    return load_config(TrainConfig, path, overrides)
+
+
+def load_sft_config(path: str | Path | None, overrides: Sequence[str] = ()) -> SftConfig:
+    """`SftConfig` from YAML plus ``a.b=value`` overrides."""
+    return load_config(SftConfig, path, overrides)
