@@ -1,0 +1,365 @@
+"""The decoder, top to bottom: parameters, rotary embeddings, attention, MLP, forward.
+
+One pure-functional definition covers HF ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM`` and ``LlamaForCausalLM`` (see `models.config`):
+pre-norm residual blocks of grouped-query attention with rotary position
+embeddings and a SwiGLU MLP, RMSNorm everywhere, tied or untied output head.
+
+Parameters are a plain nested dict of arrays. The per-layer tensors are
+stacked on a leading ``layers`` axis and the blocks run under `jax.lax.scan`,
+so compile time does not grow with depth. Every leaf has logical axis names
+(`param_axes`) that `jaxsql.sharding.ShardingRules` maps onto the mesh.
+
+Shapes are written in names: B batch, T query positions, S key/cache slots,
+D hidden (embed), N query heads, K key/value heads, G = N // K query heads
+per KV head, H head_dim, F MLP width, V vocabulary, L layers.
+
+Padding is on the left: ``mask_BT`` is 1 for real tokens and 0 for padding;
+pad keys are never attended to, and `positions_from_mask` numbers the real
+tokens 0, 1, 2, ... so a left-padded row computes exactly what the unpadded
+sequence would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+
+Params = dict[str, Any]
+
+# --- parameters ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape, logical axes and initialiser ("normal", "ones" or "zeros") of one leaf."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The parameter pytree's structure, as `ParamSpec` leaves."""
+    D, F, H, L = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_layers
+    N, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
+    layers = {
+        "attn_norm": ParamSpec((L, D), ("layers", None), "ones"),
+        "wq": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wo": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ParamSpec((L, D), ("layers", None), "ones"),
+        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal"),
+    }
+    if cfg.qkv_bias:
+        layers["bq"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros")
+        layers["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        layers["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        layers["q_norm"] = ParamSpec((L, H), ("layers", None), "ones")
+        layers["k_norm"] = ParamSpec((L, H), ("layers", None), "ones")
+    specs: Params = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
+        "layers": layers,
+        "final_norm": ParamSpec((D,), (None,), "ones"),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """Pytree of logical-axis tuples, same structure as the parameters."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Pytree of `jax.ShapeDtypeStruct` (param_dtype), same structure as the parameters."""
+    dt = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dt), param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules=None) -> Params:
+    """Pytree of `NamedSharding` for the parameters on `mesh`."""
+    from jaxsql.sharding import tree_shardings
+
+    return tree_shardings(param_axes(cfg), mesh, rules, param_shapes(cfg))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) matrices, unit norms, zero biases).
+
+    Runs under `jax.jit(out_shardings=...)` so each leaf is created directly
+    on its sharding when a mesh is given.
+    """
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    dt = jnp.dtype(cfg.param_dtype)
+
+    def _init(key):
+        out = []
+        for i, s in enumerate(leaves):
+            if s.init == "normal":
+                out.append((std * jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32)).astype(dt))
+            elif s.init == "ones":
+                out.append(jnp.ones(s.shape, dt))
+            else:
+                out.append(jnp.zeros(s.shape, dt))
+        return jax.tree.unflatten(treedef, out)
+
+    shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
+    return jax.jit(_init, out_shardings=shardings)(key)
+
+
+# --- KV cache -----------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Dense KV cache for all layers.
+
+    Slots [0, index) are written; ``mask_BS`` marks the written slots that
+    hold real (non-pad) tokens. All rows share one write `index`, which is
+    why prompts are left-padded to a common length.
+    """
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    mask_BS: jax.Array
+    index: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
+    dt = jnp.dtype(dtype or cfg.compute_dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt),
+                   jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
+
+
+# --- building blocks ------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """y = x / sqrt(mean(x^2) + eps) * weight, statistics in float32 (as HF)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies theta^(-2i/H), with Llama 3 scaling when configured.
+
+    Llama 3 (transformers ``_compute_llama3_parameters``): wavelengths longer
+    than original_max / low_freq_factor are divided by `factor`, shorter than
+    original_max / high_freq_factor kept, and in between interpolated with
+    s = (original_max / wavelen - low) / (high - low).
+    """
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    inv = inv.astype(np.float32)
+    if cfg.rope_scaling is None:
+        return inv
+    r = cfg.rope_scaling_dict
+    factor, low, high = r["factor"], r["low_freq_factor"], r["high_freq_factor"]
+    old = r["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions_BT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of position * inv_freq, each [B, T, H/2] float32."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+    """Rotate the two halves of each head (HF ``rotate_half`` layout, not interleaved)."""
+    half = x_BTNH.shape[-1] // 2
+    x1, x2 = x_BTNH[..., :half], x_BTNH[..., half:]
+    cos, sin = cos_BTh[:, :, None, :].astype(x_BTNH.dtype), sin_BTh[:, :, None, :].astype(x_BTNH.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
+    """Grouped-query softmax(q k^T / sqrt(H)) v; disallowed keys get zero weight.
+
+    Scores and softmax in float32. A query row with no allowed key (a pad
+    query) gets uniform weights instead of NaN; its output is never used.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores * (H ** -0.5)
+    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+    return out.reshape(B, T, N, H)
+
+
+def _remat_policy(name: str):
+    return {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_saveable,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+# --- forward ----------------------------------------------------------------------
+
+
+def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
+    """Position of each token among the real tokens of its row (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ModelConfig, *,
+                  mask_BT: jax.Array | None = None, cache: KVCache | None = None
+                  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
+
+    Without a cache, token t attends to tokens <= t of its row that are not
+    padding. With a cache, the T new tokens are written to slots
+    [index, index + T) and attend to every earlier real slot.
+    """
+    cdt = jnp.dtype(cfg.compute_dtype)
+    B, T = tokens_BT.shape
+    mask_BT = jnp.ones((B, T), jnp.bool_) if mask_BT is None else mask_BT.astype(jnp.bool_)
+    cos, sin = rope_tables(positions_BT, cfg)
+    x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(cdt)
+
+    if cache is None:
+        causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))
+        allowed_BTS = causal_TS[None] & mask_BT[:, None, :]
+    else:
+        S = cache.mask_BS.shape[1]
+        key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, cache.index))
+        q_slot_T = cache.index + jnp.arange(T)
+        allowed_BTS = (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None]) & key_mask_BS[:, None, :]
+
+    def block(x_BTD, lp, k_cache, v_cache, layer):
+        h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("BTD,DNH->BTNH", h, lp["wq"].astype(cdt))
+        k = jnp.einsum("BTD,DKH->BTKH", h, lp["wk"].astype(cdt))
+        v = jnp.einsum("BTD,DKH->BTKH", h, lp["wv"].astype(cdt))
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"].astype(cdt), k + lp["bk"].astype(cdt), v + lp["bv"].astype(cdt)
+        if cfg.qk_norm:
+            q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k_cache is None:
+            keys, values = k, v
+        else:
+            # Write this layer's new keys in place; the full cache rides in the scan carry
+            # so XLA updates it without copying.
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, cache.index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, cache.index, 0, 0))
+            keys, values = k_cache[layer].astype(cdt), v_cache[layer].astype(cdt)
+        a = attention(q, keys, values, allowed_BTS)
+        x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", a, lp["wo"].astype(cdt))
+        h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
+        gate = jnp.einsum("BTD,DF->BTF", h, lp["w_gate"].astype(cdt))
+        up = jnp.einsum("BTD,DF->BTF", h, lp["w_up"].astype(cdt))
+        x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"].astype(cdt))
+        return x_BTD, k_cache, v_cache
+
+    if cache is None:
+        def body(x, lp):
+            return block(x, lp, None, None, None)[0], None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+        new_cache = None
+    else:
+        def body(carry, lp):
+            x, kc, vc, layer = carry
+            x, kc, vc = block(x, lp, kc, vc, layer)
+            return (x, kc, vc, layer + 1), None
+
+        init = (x_BTD, cache.k_LBSKH, cache.v_LBSKH, jnp.zeros((), jnp.int32))
+        (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, init, params["layers"])
+        new_cache = KVCache(k_all, v_all, key_mask_BS, cache.index + T)
+
+    return rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def output_logits(params: Params, h_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Float32 logits [B, T, V] from final hidden states (tied: the embedding matrix)."""
+    cdt = jnp.dtype(cfg.compute_dtype)
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("BTD,VD->BTV", h_BTD, params["embed"].astype(cdt), preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", h_BTD, params["lm_head"].astype(cdt), preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ModelConfig, *,
+            mask_BT: jax.Array | None = None, cache: KVCache | None = None
+            ) -> tuple[jax.Array, KVCache | None]:
+    """Logits [B, T, V] (float32) of the next token at every position, and the updated cache.
+
+    Pure: `cfg` must be static under jit. ``positions_BT`` are rotary
+    positions (use `positions_from_mask` for left-padded rows; with a cache,
+    continue from the number of real tokens already seen).
+    """
+    h_BTD, cache = hidden_states(params, tokens_BT, positions_BT, cfg, mask_BT=mask_BT, cache=cache)
+    return output_logits(params, h_BTD, cfg), cache
+
+
+def token_logprobs(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, mask_BT: jax.Array, *,
+                   temperature: float = 1.0, chunk: int = 128) -> jax.Array:
+    """log p(tokens[:, t] | tokens[:, :t]) for every t, shape [B, T] float32.
+
+    Alignment: entry t scores token t itself (from the logits at position
+    t - 1), so ``logprobs_BT[:, t]`` lines up with ``tokens_BT[:, t]`` and a
+    completion mask over the same [B, T] grid selects the completion's
+    log-probs. Entry 0, and any entry whose token or previous token is
+    padding, is 0. Logits are divided by `temperature` before the
+    log-softmax (match the sampler's temperature for GRPO ratios).
+
+    The [B, T, V] logits are never materialised whole: the log-softmax runs
+    over chunks of `chunk` positions (a scan), so memory is [B, chunk, V].
+    """
+    B, T = tokens_BT.shape
+    mask = mask_BT.astype(jnp.bool_)
+    h_BTD, _ = hidden_states(params, tokens_BT, positions_from_mask(mask), cfg, mask_BT=mask)
+    h_prev = h_BTD[:, :-1]
+    targets = tokens_BT[:, 1:]
+    n = T - 1
+    c = max(1, min(chunk, n))
+    pad = (-n) % c
+    h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    nc = (n + pad) // c
+    h_CBcD = h_prev.reshape(B, nc, c, -1).swapaxes(0, 1)
+    t_CBc = targets.reshape(B, nc, c).swapaxes(0, 1)
+
+    def one(_, xs):
+        h, t = xs
+        logits = output_logits(params, h, cfg) / temperature
+        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        return None, lp
+
+    _, lp_CBc = jax.lax.scan(one, None, (h_CBcD, t_CBc))
+    lp = lp_CBc.swapaxes(0, 1).reshape(B, nc * c)[:, :n]
+    valid = mask[:, 1:] & mask[:, :-1]
+    lp = jnp.where(valid, lp, 0.0)
+    return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp], axis=1)
