@@ -1,7 +1,90 @@
-"""Subcommands of this room (filled in by its issue)."""
+"""``jaxsql exec``, ``jaxsql compare`` and ``jaxsql bench sql``."""
+
+from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from jaxsql.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to `sub` and benchmarks to `bench`."""
+    p = sub.add_parser("exec", help="run one SQL query in the sandbox and print a JSON result")
+    p.add_argument("db", help="SQLite database file (opened read-only)")
+    p.add_argument("sql", help="the query")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline (default 5)")
+    p.add_argument("--max-rows", type=int, default=10_000, metavar="N", help="row cap (default 10000)")
+    p.set_defaults(func=_exec)
+
+    p = sub.add_parser("compare", help="compare a predicted query with gold SQL or gold answers")
+    p.add_argument("db", help="SQLite database file (opened read-only)")
+    p.add_argument("--pred", required=True, help="predicted SQL (or a whole completion: the SQL is extracted)")
+    gold = p.add_mutually_exclusive_group(required=True)
+    gold.add_argument("--gold", help="gold SQL")
+    gold.add_argument("--answer", nargs="+", metavar="VALUE", help="gold answer value(s)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline per query (default 5)")
+    p.set_defaults(func=_compare)
+
+    p = bench.add_parser("sql", help="SQL pool throughput vs serial execution")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--queries", type=int, default=512, help="queries per run (default 512)")
+    p.add_argument("--workers", type=int, default=None, help="pool threads (default: CPU cores)")
+    p.add_argument("--rows", type=int, default=200_000, help="rows of the generated table (default 200000)")
+    p.set_defaults(func=_bench)
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if getattr(args, "max_rows", 1) < 1:
+        raise UsageError(f"--max-rows must be >= 1, got {args.max_rows}")
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from jaxsql.sql import execute
+
+    _check_limits(args)
+    result = execute(args.db, args.sql, timeout_s=args.timeout, max_rows=args.max_rows)
+    print(json.dumps(result.to_json(), ensure_ascii=False))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from jaxsql.compare import compare_all
+    from jaxsql.extract import extract_sql
+    from jaxsql.rewards import REWARDS, RewardConfig, RewardContext
+    from jaxsql.sql import execute
+
+    _check_limits(args)
+    pred_sql = extract_sql(args.pred)
+    pred = execute(args.db, pred_sql, timeout_s=args.timeout)
+    gold = execute(args.db, args.gold, timeout_s=args.timeout) if args.gold is not None else None
+    answers = tuple(args.answer) if args.answer is not None else None
+    ctx = RewardContext(args.pred, pred_sql, pred, gold, args.gold, answers)
+    defaults = RewardConfig(weights={name: 1.0 for name in REWARDS})
+    out = {
+        "pred": pred.to_json(),
+        "gold": gold.to_json() if gold is not None else None,
+        "metrics": compare_all(pred, gold, answers, args.gold),
+        "rewards": {name: fn(ctx, **defaults.kwargs(name)) for name, fn in REWARDS.items()},
+    }
+    print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jaxsql.sql.bench import run_bench
+
+    if args.queries < 1:
+        raise UsageError(f"--queries must be >= 1, got {args.queries}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    report = run_bench(queries=args.queries, workers=args.workers, rows=args.rows)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>28}: {value}", file=sys.stdout)
+    return 0

@@ -1,0 +1,99 @@
+"""Throughput of `SqlPool` against serial execution on a generated, CPU-bound database."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxsql.sql import sandbox
+from jaxsql.sql.pool import SqlPool, default_num_workers
+
+
+def make_bench_db(path: str | Path, rows: int, seed: int = 0) -> None:
+    """A table ``t(id, a, b, c, d)`` of `rows` seeded random rows and a small ``u(k, name)``."""
+    rng = random.Random(seed)
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b REAL, c TEXT, d INTEGER)")
+    con.execute("CREATE TABLE u (k INTEGER PRIMARY KEY, name TEXT)")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    con.executemany(
+        "INSERT INTO t VALUES (?, ?, ?, ?, ?)",
+        ((i, rng.randrange(1000), rng.random() * 100, rng.choice(words) + str(rng.randrange(100)), rng.randrange(50))
+         for i in range(rows)),
+    )
+    con.executemany("INSERT INTO u VALUES (?, ?)", ((k, f"name{k}") for k in range(50)))
+    con.commit()
+    con.close()
+
+
+def bench_queries(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct queries of mixed cost (full scans, GROUP BY, LIKE, join, sort with LIMIT)."""
+    rng = random.Random(seed)
+    templates = [
+        "SELECT count(*), avg(b) FROM t WHERE a > {x}",
+        "SELECT d, count(*), sum(b) FROM t WHERE a < {x} GROUP BY d",
+        "SELECT count(*) FROM t WHERE c LIKE '%{y}%' AND a <> {x}",
+        "SELECT u.name, max(t.b) FROM t JOIN u ON t.d = u.k WHERE t.a BETWEEN {x} AND {x} + 100 GROUP BY u.name",
+        "SELECT id, b FROM t WHERE a = {x} ORDER BY b DESC LIMIT 5",
+        "SELECT count(DISTINCT c) FROM t WHERE d = {z}",
+    ]
+    out = []
+    for i in range(n):
+        t = templates[i % len(templates)]
+        out.append(t.format(x=rng.randrange(1000), y=rng.randrange(100), z=rng.randrange(50)) + f" /* q{i} */")
+    return out
+
+
+def _qps(n: int, seconds: float) -> float:
+    return round(n / seconds, 1) if seconds > 0 else float("inf")
+
+
+def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_000, seed: int = 0) -> dict[str, Any]:
+    """Run the benchmark; returns queries/s for serial, pool (cache off) and pool with duplicates + cache."""
+    workers = workers or default_num_workers()
+    with tempfile.TemporaryDirectory(prefix="jaxsql-bench-") as tmp:
+        db = str(Path(tmp) / "bench.sqlite")
+        make_bench_db(db, rows, seed)
+        sqls = bench_queries(queries, seed)
+        jobs = [(db, s) for s in sqls]
+
+        con = sandbox.open_readonly(db)
+        start = time.perf_counter()
+        serial = [sandbox.run_query(con, s) for s in sqls]
+        serial_s = time.perf_counter() - start
+        con.close()
+
+        with SqlPool(workers, cache_size=0) as pool:
+            pool.execute_batch(jobs[: workers])  # open each worker's connection outside the timing
+            start = time.perf_counter()
+            pooled = pool.execute_batch(jobs)
+            pool_s = time.perf_counter() - start
+
+        # GRPO-like: groups of 8 samples that repeat a query, cache on.
+        rng = random.Random(seed + 1)
+        dup_jobs = [jobs[rng.randrange(max(1, queries // 8))] for _ in range(queries)]
+        with SqlPool(workers, cache_size=100_000) as pool:
+            start = time.perf_counter()
+            pool.execute_batch(dup_jobs)
+            cached_s = time.perf_counter() - start
+            stats = pool.stats()
+
+    errors = sum(not r.ok for r in serial) + sum(not r.ok for r in pooled)
+    same = all(a.rows == b.rows for a, b in zip(serial, pooled))
+    return {
+        "queries": queries,
+        "workers": workers,
+        "table_rows": rows,
+        "serial_qps": _qps(queries, serial_s),
+        "pool_qps": _qps(queries, pool_s),
+        "speedup": round(serial_s / pool_s, 2) if pool_s > 0 else float("inf"),
+        "cached_dup_qps": _qps(queries, cached_s),
+        "cache_hits": stats["hits"],
+        "cache_executed": stats["executed"],
+        "errors": errors,
+        "pool_matches_serial": same,
+    }

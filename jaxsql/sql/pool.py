@@ -1,0 +1,243 @@
+"""A thread pool that runs batches of sandboxed queries, with result caches.
+
+SQLite releases the GIL while it steps a statement, so threads run queries
+truly in parallel. Each worker thread keeps its own read-only connection per
+database (opening one costs more than a small query). Two caches:
+
+- the query cache, keyed by (absolute database path, `normalize_sql(sql)`),
+  LRU-bounded by `cache_size`; duplicate jobs within one batch run once (the
+  G samples of a GRPO group often repeat a query). ``cache_size=0`` turns
+  both off: every job executes.
+- the gold cache, keyed by (example id, database path, gold SQL), unbounded
+  (one entry per example), always on.
+
+Timeouts are never cached (they depend on machine load); every other result
+is. Each job carries its own deadline, so a slow job holds one worker for at
+most ``timeout_s`` and never delays jobs on other workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Hashable, Sequence
+
+from jaxsql.errors import ConfigError
+from jaxsql.sql import sandbox
+from jaxsql.sql.normalize import normalize_sql
+from jaxsql.sql.result import ERROR_KINDS, ExecResult
+
+_CONNECTIONS_PER_THREAD = 32
+
+
+def default_num_workers() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class SqlPool:
+    """Run (database, SQL) jobs concurrently in the sandbox; results in input order.
+
+    Use as a context manager (or call `close`). Thread-safe: several callers
+    may submit batches at once.
+    """
+
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        *,
+        timeout_s: float = sandbox.DEFAULT_TIMEOUT_S,
+        max_rows: int = sandbox.DEFAULT_MAX_ROWS,
+        max_bytes: int = sandbox.DEFAULT_MAX_BYTES,
+        cache_size: int = 100_000,
+        reuse_connections: bool = True,
+    ) -> None:
+        if num_workers is not None and num_workers < 1:
+            raise ConfigError(f"SqlPool.num_workers: must be >= 1, got {num_workers}")
+        if not timeout_s > 0:
+            raise ConfigError(f"SqlPool.timeout_s: must be > 0, got {timeout_s}")
+        if max_rows < 1:
+            raise ConfigError(f"SqlPool.max_rows: must be >= 1, got {max_rows}")
+        if max_bytes < 1:
+            raise ConfigError(f"SqlPool.max_bytes: must be >= 1, got {max_bytes}")
+        if cache_size < 0:
+            raise ConfigError(f"SqlPool.cache_size: must be >= 0, got {cache_size}")
+        self.num_workers = num_workers or default_num_workers()
+        self.timeout_s = float(timeout_s)
+        self.max_rows = int(max_rows)
+        self.max_bytes = int(max_bytes)
+        self.cache_size = int(cache_size)
+        self.reuse_connections = reuse_connections
+        self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="jaxsql-sql")
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[Hashable, ExecResult] = collections.OrderedDict()
+        self._gold: dict[Hashable, ExecResult] = {}
+        self._local = threading.local()
+        self._all_connections: list[Any] = []
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._errors: collections.Counter[str] = collections.Counter()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> "SqlPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for running jobs, stop the threads and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            for con in self._all_connections:
+                con.close()
+            self._all_connections.clear()
+
+    # -- public API ----------------------------------------------------------
+    def execute_batch(self, jobs: Sequence[tuple[str, str]]) -> list[ExecResult]:
+        """Run every ``(db_path, sql)`` job; the i-th result belongs to the i-th job."""
+        return self._resolve([self._query_entry(db, sql) for db, sql in jobs])
+
+    def gold_result(self, example_id: str, db_path: str, sql: str) -> ExecResult:
+        """The result of an example's gold SQL, executed once per example."""
+        return self.gold_batch([(example_id, db_path, sql)])[0]
+
+    def gold_batch(self, items: Sequence[tuple[str, str, str]]) -> list[ExecResult]:
+        """`gold_result` for many ``(example_id, db_path, gold_sql)`` items, run concurrently."""
+        return self._resolve([self._gold_entry(*item) for item in items])
+
+    def run_batch(
+        self, jobs: Sequence[tuple[str, str]], gold_items: Sequence[tuple[str, str, str]]
+    ) -> tuple[list[ExecResult], list[ExecResult]]:
+        """`execute_batch(jobs)` and `gold_batch(gold_items)` sharing the workers at once."""
+        entries = [self._query_entry(db, sql) for db, sql in jobs]
+        entries += [self._gold_entry(*item) for item in gold_items]
+        results = self._resolve(entries)
+        return results[: len(jobs)], results[len(jobs):]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since creation: hits, misses, executed, gold_hits, gold_misses, errors by kind."""
+        with self._lock:
+            out: dict[str, Any] = {k: self._counts.get(k, 0) for k in ("hits", "misses", "executed", "gold_hits", "gold_misses")}
+            out["errors"] = {k: self._errors.get(k, 0) for k in ERROR_KINDS}
+            out["cached"] = len(self._cache)
+            out["gold_cached"] = len(self._gold)
+        return out
+
+    def clear_cache(self) -> None:
+        """Forget cached query results (gold results are kept)."""
+        with self._lock:
+            self._cache.clear()
+
+    # -- internals ---------------------------------------------------------
+    def _query_entry(self, db_path: str, sql: str) -> tuple[str, Hashable | None, str, str]:
+        if self.cache_size == 0:
+            return ("query", None, db_path, sql)
+        return ("query", (os.path.abspath(db_path), normalize_sql(sql)), db_path, sql)
+
+    def _gold_entry(self, example_id: str, db_path: str, sql: str) -> tuple[str, Hashable, str, str]:
+        return ("gold", (example_id, os.path.abspath(db_path), sql), db_path, sql)
+
+    def _resolve(self, entries: list[tuple[str, Hashable | None, str, str]]) -> list[ExecResult]:
+        if self._closed:
+            raise RuntimeError("SqlPool is closed")
+        results: list[ExecResult | None] = [None] * len(entries)
+        pending: dict[Hashable, tuple[str, Future, list[int]]] = {}
+        uncached: list[tuple[Future, int]] = []
+        with self._lock:
+            for i, (store, key, db, sql) in enumerate(entries):
+                if key is None:
+                    uncached.append((self._executor.submit(self._run, db, sql), i))
+                    self._counts["misses"] += 1
+                    continue
+                cache = self._gold if store == "gold" else self._cache
+                prefix = "gold_" if store == "gold" else ""
+                hit = cache.get(key)
+                if hit is not None:
+                    results[i] = hit
+                    if store == "query":
+                        cache.move_to_end(key)
+                    self._counts[prefix + "hits"] += 1
+                elif (store, key) in pending:
+                    pending[(store, key)][2].append(i)
+                    self._counts[prefix + "hits"] += 1
+                else:
+                    pending[(store, key)] = (store, self._executor.submit(self._run, db, sql), [i])
+                    self._counts[prefix + "misses"] += 1
+        for fut, i in uncached:
+            results[i] = self._account(fut.result())
+        for (store, key), (_, fut, idxs) in pending.items():
+            result = self._account(fut.result())
+            if result.error != "timeout":
+                self._store(store, key, result)
+            for i in idxs:
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _account(self, result: ExecResult) -> ExecResult:
+        with self._lock:
+            self._counts["executed"] += 1
+            if not result.ok:
+                self._errors[result.error] += 1
+        return result
+
+    def _store(self, store: str, key: Hashable, result: ExecResult) -> None:
+        with self._lock:
+            if store == "gold":
+                self._gold[key] = result
+                return
+            self._cache[key] = result
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def _run(self, db_path: str, sql: str) -> ExecResult:
+        """Worker body: never raises, whatever the query does."""
+        try:
+            if not self.reuse_connections:
+                return sandbox.execute(
+                    db_path, sql, timeout_s=self.timeout_s, max_rows=self.max_rows, max_bytes=self.max_bytes
+                )
+            try:
+                con = self._connection(db_path)
+            except sandbox.DatabaseMissing as e:
+                return ExecResult.failure("db_missing", str(e))
+            return sandbox.run_query(
+                con, sql, timeout_s=self.timeout_s, max_rows=self.max_rows, max_bytes=self.max_bytes
+            )
+        except Exception as e:  # noqa: BLE001 - a job must not kill its worker
+            return ExecResult.failure("runtime", f"internal error: {type(e).__name__}: {e}")
+
+    def _connection(self, db_path: str):
+        conns = getattr(self._local, "connections", None)
+        if conns is None:
+            conns = self._local.connections = collections.OrderedDict()
+        key = os.path.abspath(db_path)
+        con = conns.get(key)
+        if con is not None and os.path.isfile(key):
+            conns.move_to_end(key)
+            return con
+        if con is not None:  # the file went away: report it as missing from now on
+            conns.pop(key)
+            self._forget(con)
+        con = sandbox.open_readonly(db_path, self.max_bytes)
+        conns[key] = con
+        with self._lock:
+            self._all_connections.append(con)
+        while len(conns) > _CONNECTIONS_PER_THREAD:
+            _, old = conns.popitem(last=False)
+            self._forget(old)
+        return con
+
+    def _forget(self, con) -> None:
+        with self._lock:
+            if con in self._all_connections:
+                self._all_connections.remove(con)
+        con.close()

@@ -1,0 +1,253 @@
+"""Run one untrusted SQL query against a SQLite database, read-only and bounded.
+
+Guarantees of `execute` (each tested in ``tests/sql/test_hostile.py``):
+
+- the database is opened read-only through a ``file:...?mode=ro`` URI, so a
+  missing path is reported as ``db_missing`` and no file is ever created;
+- an authorizer allows only reads (SELECT, reading columns, recursive CTEs,
+  functions other than ``load_extension``, a few schema-reading PRAGMAs);
+  every write, DDL, ATTACH/DETACH, transaction, VACUUM, ANALYZE and any other
+  PRAGMA is ``denied``; ``PRAGMA query_only`` is on as a second lock;
+- exactly one statement per call (several statements are ``denied``);
+- a progress handler checks the deadline every `PROGRESS_EVERY` virtual
+  machine instructions and interrupts the query (``timeout``);
+- SQLite limits bound any single string or BLOB, SQL text length and
+  expression depth, and rows and bytes fetched are capped (``too_large``);
+- invalid UTF-8 text is decoded with replacement characters instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxsql.sql.result import ExecResult
+
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_MAX_ROWS = 10_000
+DEFAULT_MAX_BYTES = 64 << 20
+
+#: VM instructions between two deadline checks. Each check takes the GIL, so a
+#: small value costs concurrency; 10k instructions are ~0.1 ms of SQLite work.
+PROGRESS_EVERY = 10_000
+_FETCH_CHUNK = 64
+_MAX_SQL_LENGTH = 1_000_000
+_MAX_EXPR_DEPTH = 1_000
+
+_READ_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+)
+_DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
+_ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, dbname: str | None, source: str | None) -> int:
+    if action in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION:
+        return sqlite3.SQLITE_DENY if (arg2 or "").lower() in _DENIED_FUNCTIONS else sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+class DatabaseMissing(Exception):
+    """The database path does not name a readable SQLite file."""
+
+
+def value_cap_bytes(max_bytes: int) -> int:
+    """Largest single string/BLOB SQLite may build: fetching one chunk stays within `max_bytes`."""
+    return max(4096, max_bytes // _FETCH_CHUNK)
+
+
+def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> sqlite3.Connection:
+    """Open `db_path` read-only with the sandbox's authorizer and limits.
+
+    Raises `DatabaseMissing` when the path is not an existing file (nothing is created).
+    """
+    path = Path(db_path)
+    if not path.is_file():
+        raise DatabaseMissing(f"database {str(db_path)!r} does not exist")
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        con = sqlite3.connect(uri, uri=True, timeout=0.25, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}") from None
+    try:
+        if hasattr(con, "enable_load_extension"):
+            con.enable_load_extension(False)
+        con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, value_cap_bytes(max_bytes))
+        con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, _MAX_SQL_LENGTH)
+        con.setlimit(sqlite3.SQLITE_LIMIT_EXPR_DEPTH, _MAX_EXPR_DEPTH)
+        con.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        con.execute("PRAGMA query_only = ON")
+        con.execute("PRAGMA trusted_schema = OFF")
+        # Reading the schema once here turns "not a database" into db_missing.
+        con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        con.set_authorizer(_authorize)
+    except sqlite3.Error as e:
+        con.close()
+        raise DatabaseMissing(f"cannot read database {str(db_path)!r}: {e}") from None
+    return con
+
+
+_SYNTAX_MARKERS = (
+    "syntax error", "incomplete input", "unrecognized token", "no such ", "ambiguous column",
+    "wrong number of arguments", "misuse of", "no tables specified", "has no column named",
+    "selects to the left and right", "circular reference", "not allowed", "unknown ", "row value misused",
+    "is not a function", "sub-select returns",
+)
+_TOO_LARGE_MARKERS = ("too big", "too large", "too many", "stack overflow", "out of memory")
+_DENIED_MARKERS = ("not authorized", "readonly", "read-only", "prohibited")
+
+
+def classify_error(exc: BaseException, timed_out: bool) -> str:
+    """Map a sqlite3 exception to an `ExecResult` error kind."""
+    if timed_out:
+        return "timeout"
+    if isinstance(exc, MemoryError):
+        return "too_large"
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name in ("SQLITE_AUTH", "SQLITE_READONLY"):
+        return "denied"
+    if name in ("SQLITE_TOOBIG", "SQLITE_NOMEM"):
+        return "too_large"
+    msg = str(exc).lower()
+    if any(m in msg for m in _DENIED_MARKERS):
+        return "denied"
+    if any(m in msg for m in _TOO_LARGE_MARKERS):
+        return "too_large"
+    if any(m in msg for m in _SYNTAX_MARKERS):
+        return "syntax"
+    return "runtime"
+
+
+def _decode_replacing(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _blob_text(raw: bytes) -> str:
+    return "x'" + raw.hex() + "'"
+
+
+def run_query(
+    con: sqlite3.Connection,
+    sql: str,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ExecResult:
+    """Run `sql` on a connection made by `open_readonly` (see `execute`)."""
+    start = time.perf_counter()
+    if not isinstance(sql, str) or not sql.strip():
+        return ExecResult.failure("syntax", "empty query", time.perf_counter() - start)
+    if "\x00" in sql:
+        return ExecResult.failure("syntax", "query contains a NUL character", time.perf_counter() - start)
+    if len(sql) > _MAX_SQL_LENGTH:
+        return ExecResult.failure("too_large", f"query longer than {_MAX_SQL_LENGTH} characters", time.perf_counter() - start)
+    deadline = start + timeout_s
+    result = _run_once(con, sql, deadline, max_rows, max_bytes, str)
+    if result is None:  # invalid UTF-8 in a text value: decode it leniently and run again
+        result = _run_once(con, sql, deadline, max_rows, max_bytes, _decode_replacing)
+    ok, payload = result
+    elapsed = time.perf_counter() - start
+    if ok:
+        columns, rows = payload
+        return ExecResult(ok=True, columns=columns, rows=rows, elapsed_s=elapsed)
+    kind, message = payload
+    return ExecResult.failure(kind, message, elapsed)
+
+
+def _run_once(con, sql, deadline, max_rows, max_bytes, text_factory):
+    timed_out = False
+
+    def progress() -> int:
+        nonlocal timed_out
+        if time.perf_counter() > deadline:
+            timed_out = True
+            return 1
+        return 0
+
+    con.text_factory = text_factory
+    con.set_progress_handler(progress, PROGRESS_EVERY)
+    cur = None
+    try:
+        cur = con.execute(sql)
+        if cur.description is None:
+            return False, ("syntax", "not a query: the statement returns no result columns (empty, comment-only or a command)")
+        columns = tuple(d[0] for d in cur.description)
+        rows: list[tuple[Any, ...]] = []
+        nbytes = 0
+        while True:
+            chunk = cur.fetchmany(_FETCH_CHUNK)
+            if not chunk:
+                break
+            for row in chunk:
+                has_blob = False
+                for v in row:
+                    t = type(v)
+                    if t is str:
+                        nbytes += len(v)
+                    elif t is bytes:
+                        has_blob = True
+                        nbytes += 2 * len(v) + 3
+                    else:
+                        nbytes += 8
+                if has_blob:
+                    row = tuple(_blob_text(v) if type(v) is bytes else v for v in row)
+                rows.append(row)
+            if len(rows) > max_rows:
+                return False, ("too_large", f"more than {max_rows} rows")
+            if nbytes > max_bytes:
+                return False, ("too_large", f"result larger than {max_bytes} bytes")
+            if time.perf_counter() > deadline:
+                return False, ("timeout", "deadline passed while fetching rows")
+        return True, (columns, tuple(rows))
+    except sqlite3.ProgrammingError as e:
+        if "one statement" in str(e):
+            return False, ("denied", "only one statement per query is allowed")
+        return False, (classify_error(e, timed_out), str(e))
+    except sqlite3.OperationalError as e:
+        if "could not decode to utf-8" in str(e).lower() and text_factory is str:
+            return None
+        return False, (classify_error(e, timed_out), str(e))
+    except (sqlite3.Error, MemoryError, OverflowError, ValueError) as e:
+        return False, (classify_error(e, timed_out), str(e) or type(e).__name__)
+    finally:
+        if cur is not None:
+            cur.close()
+        con.set_progress_handler(None, 0)
+
+
+def execute(
+    db_path: str | os.PathLike,
+    sql: str,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ExecResult:
+    """Run one untrusted query read-only against the SQLite file `db_path`.
+
+    Never raises for a bad query or database: every failure is an `ExecResult`
+    with ``ok=False`` and an error kind (``syntax``, ``runtime``, ``timeout``,
+    ``too_large``, ``denied``, ``db_missing``). More than `max_rows` rows or
+    more than `max_bytes` bytes of values is ``too_large`` (no truncated result).
+    """
+    start = time.perf_counter()
+    try:
+        con = open_readonly(db_path, max_bytes)
+    except DatabaseMissing as e:
+        return ExecResult.failure("db_missing", str(e), time.perf_counter() - start)
+    try:
+        result = run_query(con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes)
+    finally:
+        con.close()
+    return ExecResult(
+        ok=result.ok, columns=result.columns, rows=result.rows, error=result.error,
+        message=result.message, elapsed_s=time.perf_counter() - start,
+    )
