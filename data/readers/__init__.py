@@ -1,0 +1,1 @@
+"""Dataset readers (filled in below by the reader registry)."""

@@ -1,0 +1,49 @@
+"""The generic JSONL format for users' own data.
+
+One JSON object per line, exactly the fields of `data.records.Example`
+(``Example.to_dict()``): ``id``, ``db_path``, ``question`` required;
+``evidence``, ``gold_sql``, ``gold_answers`` (list of strings), ``difficulty``,
+``source`` optional; at least one of ``gold_sql`` / ``gold_answers``. A
+relative ``db_path`` is resolved against the JSONL file's directory. Blank
+lines are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data.readers.common import BadRows, check_database, require_file
+from data.records import Example, MalformedRecord
+
+
+def read_jsonl(path: str | Path, *, split: str = "", skip_bad: bool = False,
+               require_databases: bool = True) -> list[Example]:
+    """Read a JSONL file of `Example` records (`split` is ignored: one file is one split)."""
+    path = require_file(path)
+    base = path.parent
+    bad = BadRows(path)
+    out: list[Example] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                d = json.loads(line)
+                if not isinstance(d, dict):
+                    raise MalformedRecord(f"{where}: expected a JSON object")
+                ex = Example.from_dict(d, where=where)
+                db = Path(ex.db_path)
+                if not db.is_absolute():
+                    db = (base / db).resolve()
+                if require_databases:
+                    check_database(db, where)
+                from dataclasses import replace
+                out.append(replace(ex, db_path=str(db)))
+            except json.JSONDecodeError as e:
+                bad.add(MalformedRecord(f"{where}: invalid JSON ({e.msg})"), skip_bad)
+            except MalformedRecord as e:
+                bad.add(e, skip_bad)
+    bad.warn()
+    return out
