@@ -13,7 +13,11 @@ database (opening one costs more than a small query). Two caches:
 
 Timeouts are never cached (they depend on machine load); every other result
 is. Each job carries its own deadline, so a slow job holds one worker for at
-most ``timeout_s`` and never delays jobs on other workers.
+most ``timeout_s`` and never delays jobs on other workers. As a backstop for
+work SQLite cannot interrupt (one long-running built-in function call), a job
+still running `ABANDON_GRACE_S` after its deadline is answered ``timeout``
+and abandoned: its thread finishes it in the background and exits, and a
+fresh worker thread takes its place, so the pool keeps its capacity.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import time
 from typing import Any, Hashable, Sequence
 
 from jaxsql.errors import ConfigError
@@ -30,6 +35,19 @@ from jaxsql.sql.normalize import normalize_sql
 from jaxsql.sql.result import ERROR_KINDS, ExecResult
 
 _CONNECTIONS_PER_THREAD = 32
+ABANDON_GRACE_S = 0.3
+_POLL_S = 0.02
+
+
+class _Job:
+    __slots__ = ("db_path", "sql", "started", "result", "done", "abandoned")
+
+    def __init__(self, db_path: str, sql: str) -> None:
+        self.db_path, self.sql = db_path, sql
+        self.started: float | None = None
+        self.result: ExecResult | None = None
+        self.done = threading.Event()
+        self.abandoned = False
 
 
 def default_num_workers() -> int:
@@ -44,7 +62,8 @@ class SqlPool:
     """Run (database, SQL) jobs concurrently in the sandbox; results in input order.
 
     Use as a context manager (or call `close`). Thread-safe: several callers
-    may submit batches at once.
+    may submit batches at once. With one worker a slow job delays the jobs
+    queued behind it; use two or more.
     """
 
     def __init__(
@@ -73,15 +92,18 @@ class SqlPool:
         self.max_bytes = int(max_bytes)
         self.cache_size = int(cache_size)
         self.reuse_connections = reuse_connections
-        self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="jaxsql-sql")
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._cache: collections.OrderedDict[Hashable, ExecResult] = collections.OrderedDict()
         self._gold: dict[Hashable, ExecResult] = {}
         self._local = threading.local()
         self._all_connections: list[Any] = []
         self._counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
+        self._threads: list[threading.Thread] = []
         self._closed = False
+        for _ in range(self.num_workers):
+            self._spawn_worker()
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> "SqlPool":
@@ -91,15 +113,16 @@ class SqlPool:
         self.close()
 
     def close(self) -> None:
-        """Wait for running jobs, stop the threads and close every connection."""
+        """Stop the worker threads and close their connections (abandoned jobs are not waited for)."""
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True)
         with self._lock:
-            for con in self._all_connections:
-                con.close()
-            self._all_connections.clear()
+            live = [t for t in self._threads if t.is_alive()]
+        for _ in live:
+            self._queue.put(None)
+        for t in live:
+            t.join(timeout=self.timeout_s + ABANDON_GRACE_S)
 
     # -- public API ----------------------------------------------------------
     def execute_batch(self, jobs: Sequence[tuple[str, str]]) -> list[ExecResult]:
@@ -124,9 +147,9 @@ class SqlPool:
         return results[: len(jobs)], results[len(jobs):]
 
     def stats(self) -> dict[str, Any]:
-        """Counters since creation: hits, misses, executed, gold_hits, gold_misses, errors by kind."""
+        """Counters since creation: hits, misses, executed, gold_hits, gold_misses, abandoned, errors by kind."""
         with self._lock:
-            out: dict[str, Any] = {k: self._counts.get(k, 0) for k in ("hits", "misses", "executed", "gold_hits", "gold_misses")}
+            out: dict[str, Any] = {k: self._counts.get(k, 0) for k in ("hits", "misses", "executed", "gold_hits", "gold_misses", "abandoned")}
             out["errors"] = {k: self._errors.get(k, 0) for k in ERROR_KINDS}
             out["cached"] = len(self._cache)
             out["gold_cached"] = len(self._gold)
@@ -146,16 +169,20 @@ class SqlPool:
     def _gold_entry(self, example_id: str, db_path: str, sql: str) -> tuple[str, Hashable, str, str]:
         return ("gold", (example_id, os.path.abspath(db_path), sql), db_path, sql)
 
+    def _submit(self, db_path: str, sql: str) -> _Job:
+        job = _Job(db_path, sql)
+        self._queue.put(job)
+        return job
+
     def _resolve(self, entries: list[tuple[str, Hashable | None, str, str]]) -> list[ExecResult]:
         if self._closed:
             raise RuntimeError("SqlPool is closed")
         results: list[ExecResult | None] = [None] * len(entries)
-        pending: dict[Hashable, tuple[str, Future, list[int]]] = {}
-        uncached: list[tuple[Future, int]] = []
+        pending: dict[Hashable, tuple[str, Hashable | None, _Job, list[int]]] = {}
         with self._lock:
             for i, (store, key, db, sql) in enumerate(entries):
                 if key is None:
-                    uncached.append((self._executor.submit(self._run, db, sql), i))
+                    pending[("uncached", i)] = (store, None, self._submit(db, sql), [i])
                     self._counts["misses"] += 1
                     continue
                 cache = self._gold if store == "gold" else self._cache
@@ -167,20 +194,66 @@ class SqlPool:
                         cache.move_to_end(key)
                     self._counts[prefix + "hits"] += 1
                 elif (store, key) in pending:
-                    pending[(store, key)][2].append(i)
+                    pending[(store, key)][3].append(i)
                     self._counts[prefix + "hits"] += 1
                 else:
-                    pending[(store, key)] = (store, self._executor.submit(self._run, db, sql), [i])
+                    pending[(store, key)] = (store, key, self._submit(db, sql), [i])
                     self._counts[prefix + "misses"] += 1
-        for fut, i in uncached:
-            results[i] = self._account(fut.result())
-        for (store, key), (_, fut, idxs) in pending.items():
-            result = self._account(fut.result())
-            if result.error != "timeout":
+        for store, key, job, idxs in pending.values():
+            result = self._account(self._wait(job))
+            if key is not None and result.error != "timeout":
                 self._store(store, key, result)
             for i in idxs:
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def _wait(self, job: _Job) -> ExecResult:
+        """The job's result, or ``timeout`` once it overran its deadline by `ABANDON_GRACE_S`."""
+        while not job.done.wait(_POLL_S):
+            started = job.started
+            if started is None or time.perf_counter() < started + self.timeout_s + ABANDON_GRACE_S:
+                continue
+            with self._lock:
+                if job.done.is_set():
+                    break
+                job.abandoned = True
+                self._counts["abandoned"] += 1
+            self._spawn_worker()
+            return ExecResult.failure(
+                "timeout", "the query did not stop at its deadline; its worker was abandoned",
+                time.perf_counter() - started,
+            )
+        assert job.result is not None
+        return job.result
+
+    def _spawn_worker(self) -> None:
+        t = threading.Thread(target=self._worker, name="jaxsql-sql", daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def _worker(self) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                job.started = time.perf_counter()
+                result = self._run(job.db_path, job.sql)
+                with self._lock:
+                    job.result = result
+                    job.done.set()
+                    if job.abandoned:  # a replacement thread already took this one's place
+                        return
+        finally:
+            self._close_thread_connections()
+
+    def _close_thread_connections(self) -> None:
+        conns = getattr(self._local, "connections", None) or {}
+        for con in conns.values():
+            self._forget(con)
+        conns.clear()
 
     def _account(self, result: ExecResult) -> ExecResult:
         with self._lock:

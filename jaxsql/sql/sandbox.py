@@ -19,6 +19,7 @@ Guarantees of `execute` (each tested in ``tests/sql/test_hostile.py``):
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -54,13 +55,51 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, dbname: str | No
     return sqlite3.SQLITE_DENY
 
 
+_PRINTF_SPEC = re.compile(r"%[-+ 0#,!]*(\d+|\*)?(?:\.(\d+|\*))?(?:ll|l)?([a-zA-Z%])")
+
+
+def _guarded_printf(helper: sqlite3.Connection) -> Any:
+    """SQLite's printf/format, but NULL when a width or precision exceeds `MAX_VALUE_BYTES`.
+
+    The built-in pads in a single VM instruction (``printf('%.1000000000c', 'x')``
+    spins for seconds, beyond the progress handler's reach) and already answers
+    NULL for results over the length limit; this checks the sizes first, then
+    lets the built-in (on a private in-memory connection) do the formatting.
+    """
+
+    def printf(*args: Any) -> Any:
+        if not args or not isinstance(args[0], str):
+            return None if not args else helper.execute("SELECT printf(?)", args[:1]).fetchone()[0]
+        rest = iter(args[1:])
+        for width, precision, conv in _PRINTF_SPEC.findall(args[0]):
+            for part in (width, precision):
+                if part == "*":
+                    value = next(rest, 0)
+                    if isinstance(value, (int, float)) and abs(value) > MAX_VALUE_BYTES:
+                        return None
+                elif part and int(part) > MAX_VALUE_BYTES:
+                    return None
+            if conv != "%":
+                next(rest, None)
+        marks = ",".join("?" * len(args))
+        return helper.execute(f"SELECT printf({marks})", args).fetchone()[0]
+
+    return printf
+
+
 class DatabaseMissing(Exception):
     """The database path does not name a readable SQLite file."""
 
 
+#: Largest string/BLOB any query may build. It also bounds the worst case of
+#: functions that run inside one VM instruction, where the progress handler
+#: cannot interrupt (``instr`` of two such strings is quadratic).
+MAX_VALUE_BYTES = 256 << 10
+
+
 def value_cap_bytes(max_bytes: int) -> int:
-    """Largest single string/BLOB SQLite may build: fetching one chunk stays within `max_bytes`."""
-    return max(4096, max_bytes // _FETCH_CHUNK)
+    """Largest single string/BLOB SQLite may build: a fetched chunk stays within `max_bytes`."""
+    return max(4096, min(MAX_VALUE_BYTES, max_bytes // _FETCH_CHUNK))
 
 
 def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> sqlite3.Connection:
@@ -83,6 +122,10 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, _MAX_SQL_LENGTH)
         con.setlimit(sqlite3.SQLITE_LIMIT_EXPR_DEPTH, _MAX_EXPR_DEPTH)
         con.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        con.setlimit(sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 1_000)
+        guard = _guarded_printf(sqlite3.connect(":memory:", check_same_thread=False))
+        con.create_function("printf", -1, guard)
+        con.create_function("format", -1, guard)
         con.execute("PRAGMA query_only = ON")
         con.execute("PRAGMA trusted_schema = OFF")
         # Reading the schema once here turns "not a database" into db_missing.
@@ -100,6 +143,7 @@ _SYNTAX_MARKERS = (
     "selects to the left and right", "circular reference", "not allowed", "unknown ", "row value misused",
     "is not a function", "sub-select returns",
 )
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?(\*/|$)", re.DOTALL)
 _TOO_LARGE_MARKERS = ("too big", "too large", "too many", "stack overflow", "out of memory")
 _DENIED_MARKERS = ("not authorized", "readonly", "read-only", "prohibited")
 
@@ -178,7 +222,9 @@ def _run_once(con, sql, deadline, max_rows, max_bytes, text_factory):
     try:
         cur = con.execute(sql)
         if cur.description is None:
-            return False, ("syntax", "not a query: the statement returns no result columns (empty, comment-only or a command)")
+            if not _COMMENTS.sub("", sql).strip(" \t\r\n\f;"):
+                return False, ("syntax", "empty query (only comments)")
+            return False, ("denied", "not a query: only statements that return rows may run")
         columns = tuple(d[0] for d in cur.description)
         rows: list[tuple[Any, ...]] = []
         nbytes = 0

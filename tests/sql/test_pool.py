@@ -1,0 +1,159 @@
+"""SqlPool: order, caches, counters, deadlines, abandonment."""
+
+import threading
+import time
+
+import pytest
+
+from jaxsql.errors import ConfigError
+from jaxsql.sql import ExecResult, SqlPool, normalize_sql
+from jaxsql.sql.normalize import whitespace_normalize
+
+SLOW = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT count(*) FROM c"
+
+
+def test_results_in_input_order(tiny_db):
+    db = str(tiny_db)
+    jobs = [(db, f"SELECT {i}, count(*) FROM big WHERE x < {i * 7}") for i in range(40)]
+    with SqlPool(2) as pool:
+        results = pool.execute_batch(jobs)
+    assert [r.rows for r in results] == [((i, min(i * 7, 3000)),) for i in range(40)]
+
+
+def test_cache_hits_duplicates_and_stats(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(2) as pool:
+        a = "SELECT name FROM people WHERE age > 26"
+        same_a = "select name\n  from people   where age > 26 ;"
+        b = "SELECT count(*) FROM people"
+        r1 = pool.execute_batch([(db, a), (db, same_a), (db, b), (db, a)])
+        s = pool.stats()
+        assert (s["misses"], s["hits"], s["executed"]) == (2, 2, 2)
+        assert r1[0] is r1[1] is r1[3]
+        r2 = pool.execute_batch([(db, b), (db, "SELEC oops"), (db, "SELEC oops")])
+        s = pool.stats()
+        assert (s["misses"], s["hits"], s["executed"]) == (3, 4, 3)
+        assert s["errors"]["syntax"] == 1
+        assert r2[0] is r1[2] and r2[1].error == "syntax"
+        pool.clear_cache()
+        pool.execute_batch([(db, b)])
+        assert pool.stats()["executed"] == 4
+
+
+def test_same_sql_on_other_database_is_not_a_hit(tiny_db, tmp_path):
+    import shutil
+
+    other = tmp_path / "other.sqlite"
+    shutil.copy(tiny_db, other)
+    with SqlPool(2) as pool:
+        pool.execute_batch([(str(tiny_db), "SELECT 1"), (str(other), "SELECT 1")])
+        assert pool.stats()["executed"] == 2
+
+
+def test_cache_off_runs_everything(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(2, cache_size=0) as pool:
+        pool.execute_batch([(db, "SELECT 1")] * 5)
+        s = pool.stats()
+        assert (s["executed"], s["hits"], s["cached"]) == (5, 0, 0)
+
+
+def test_lru_bound(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(1, cache_size=2) as pool:
+        pool.execute_batch([(db, f"SELECT {i}") for i in range(5)])
+        assert pool.stats()["cached"] == 2
+
+
+def test_gold_results_cached_per_example(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(2) as pool:
+        g1 = pool.gold_result("ex1", db, "SELECT count(*) FROM people")
+        g2 = pool.gold_result("ex1", db, "SELECT count(*) FROM people")
+        assert g1 is g2 and g1.rows == ((4,),)
+        s = pool.stats()
+        assert (s["gold_misses"], s["gold_hits"], s["executed"], s["gold_cached"]) == (1, 1, 1, 1)
+        preds, golds = pool.run_batch([(db, "SELECT 1")], [("ex1", db, "SELECT count(*) FROM people"),
+                                                           ("ex2", db, "SELECT 2")])
+        assert preds[0].rows == ((1,),) and golds[0] is g1 and golds[1].rows == ((2,),)
+
+
+def test_timeout_does_not_delay_other_jobs(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(2, timeout_s=1.5, cache_size=0) as pool:
+        finished = {}
+
+        def fast_batch():
+            start = time.perf_counter()
+            out = pool.execute_batch([(db, f"SELECT count(*) FROM big WHERE x > {i}") for i in range(20)])
+            finished["fast"] = time.perf_counter() - start
+            finished["ok"] = all(r.ok for r in out)
+
+        start = time.perf_counter()
+        slow = threading.Thread(target=lambda: finished.setdefault("slow", pool.execute_batch([(db, SLOW)])))
+        slow.start()
+        time.sleep(0.1)  # the slow query occupies one worker
+        fast_batch()
+        slow.join()
+        total = time.perf_counter() - start
+    assert finished["ok"] and finished["fast"] < 1.0, finished
+    assert finished["slow"][0].error == "timeout"
+    assert total < 1.5 + 0.5
+
+
+def test_timeouts_are_not_cached(tiny_db):
+    with SqlPool(2, timeout_s=0.3) as pool:
+        pool.execute_batch([(str(tiny_db), SLOW)])
+        pool.execute_batch([(str(tiny_db), SLOW)])
+        s = pool.stats()
+        assert s["executed"] == 2 and s["errors"]["timeout"] == 2 and s["cached"] == 0
+
+
+def test_stuck_job_is_abandoned_and_pool_keeps_capacity(tiny_db, monkeypatch):
+    pool = SqlPool(2, timeout_s=0.3)
+    real_run = pool._run
+
+    def run(db_path, sql):
+        if sql == "STUCK":  # stands for work SQLite cannot interrupt
+            time.sleep(2.0)
+            return ExecResult(ok=True, columns=("x",), rows=((1,),))
+        return real_run(db_path, sql)
+
+    monkeypatch.setattr(pool, "_run", run)
+    try:
+        start = time.perf_counter()
+        results = pool.execute_batch([(str(tiny_db), "STUCK"), (str(tiny_db), "SELECT 7")])
+        assert time.perf_counter() - start < 0.3 + 0.5
+        assert results[0].error == "timeout" and "abandoned" in results[0].message
+        assert results[1].rows == ((7,),)
+        assert pool.stats()["abandoned"] == 1
+        # two fresh jobs run at once on the two live workers
+        r = pool.execute_batch([(str(tiny_db), "SELECT 8"), (str(tiny_db), "SELECT 9")])
+        assert [x.rows for x in r] == [((8,),), ((9,),)]
+    finally:
+        pool.close()
+
+
+def test_closed_pool_refuses(tiny_db):
+    pool = SqlPool(1)
+    pool.close()
+    pool.close()
+    with pytest.raises(RuntimeError):
+        pool.execute_batch([(str(tiny_db), "SELECT 1")])
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_workers=0), dict(timeout_s=0), dict(max_rows=0), dict(cache_size=-1)])
+def test_bad_settings(kwargs):
+    with pytest.raises(ConfigError):
+        SqlPool(**kwargs)
+
+
+def test_normalize_sql_keys():
+    assert normalize_sql("select  a from t;") == normalize_sql("SELECT a FROM t")
+    assert normalize_sql("SELECT 'a  b'") != normalize_sql("SELECT 'a b'")
+    assert normalize_sql("SELECT Name FROM t") != normalize_sql("SELECT name FROM t")  # column names differ
+    # sqlglot cannot parse: whitespace outside quotes collapsed, quotes kept
+    assert normalize_sql("SELEC  1 ;") == "w:SELEC 1"
+    assert whitespace_normalize("SELEC  'a   b'\n\n  x;;") == "SELEC 'a   b' x"
+    deep = "SELECT " + "(" * 5000 + "1" + ")" * 5000
+    assert normalize_sql(deep).startswith("w:")
