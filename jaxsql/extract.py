@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-_FENCE = re.compile(r"```[ \t]*(?:sql|sqlite|SQL|SQLite)?[ \t]*\n?(.*?)```", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*(?i:sqlite|sql)?[ \t]*\n?(.*?)```", re.DOTALL)
 
 
 def _tag_blocks(text: str, tag: str) -> list[str]:
