@@ -62,8 +62,22 @@ class Table:
     foreign_keys: tuple[ForeignKey, ...] = ()
 
 
+_SQLITE_KEYWORDS = frozenset("""
+ABORT ACTION ADD AFTER ALL ALTER ALWAYS ANALYZE AND AS ASC ATTACH AUTOINCREMENT BEFORE BEGIN BETWEEN BY
+CASCADE CASE CAST CHECK COLLATE COLUMN COMMIT CONFLICT CONSTRAINT CREATE CROSS CURRENT CURRENT_DATE
+CURRENT_TIME CURRENT_TIMESTAMP DATABASE DEFAULT DEFERRABLE DEFERRED DELETE DESC DETACH DISTINCT DO DROP
+EACH ELSE END ESCAPE EXCEPT EXCLUDE EXCLUSIVE EXISTS EXPLAIN FAIL FILTER FIRST FOLLOWING FOR FOREIGN FROM
+FULL GENERATED GLOB GROUP GROUPS HAVING IF IGNORE IMMEDIATE IN INDEX INDEXED INITIALLY INNER INSERT INSTEAD
+INTERSECT INTO IS ISNULL JOIN KEY LAST LEFT LIKE LIMIT MATCH MATERIALIZED NATURAL NO NOT NOTHING NOTNULL
+NULL NULLS OF OFFSET ON OR ORDER OTHERS OUTER OVER PARTITION PLAN PRAGMA PRECEDING PRIMARY QUERY RAISE
+RANGE RECURSIVE REFERENCES REGEXP REINDEX RELEASE RENAME REPLACE RESTRICT RETURNING RIGHT ROLLBACK ROW ROWS
+SAVEPOINT SELECT SET TABLE TEMP TEMPORARY THEN TIES TO TRANSACTION TRIGGER UNBOUNDED UNION UNIQUE UPDATE
+USING VACUUM VALUES VIEW VIRTUAL WHEN WHERE WINDOW WITH WITHOUT""".split())
+
+
 def _quote_ident(name: str) -> str:
-    return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else '"' + name.replace('"', '""') + '"'
+    plain = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name.upper() not in _SQLITE_KEYWORDS
+    return name if plain else '"' + name.replace('"', '""') + '"'
 
 
 def _render_value(v: object, max_chars: int = 30) -> str:
@@ -133,7 +147,9 @@ def spider_tables_schema(entry: Mapping) -> list[Table]:
             fks[ta].append(ForeignKey(ca, table_names[tb], cb))
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise JaxsqlError(f"tables.json entry {entry.get('db_id', '?')!r} is malformed: {e!r}") from None
-    return [Table(n, tuple(c), tuple(f)) for n, c, f in zip(table_names, cols, fks)]
+    # SQLite's internal tables (sqlite_sequence) are not part of the user's schema.
+    return [Table(n, tuple(c), tuple(f)) for n, c, f in zip(table_names, cols, fks)
+            if not n.lower().startswith("sqlite_")]
 
 
 def tables_in_sql(sql: str) -> set[str]:

@@ -56,8 +56,9 @@ def read_spider(path: str | Path, *, split: str = "dev", skip_bad: bool = False,
                 if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("db_id", "question", "query")):
                     raise MalformedRecord(f"{where}: needs string fields db_id, question, query")
                 db = root / "database" / row["db_id"] / f"{row['db_id']}.sqlite"
-                if require_databases:
-                    check_database(db, where)
+                if require_databases and not db.is_file():
+                    raise MalformedRecord(f"{where}: database not found: {db} (read questions only with "
+                                          f"require_databases=False, CLI --no-databases)")
                 out.append(Example(id=f"spider-{split}-{len(out)}", db_path=str(db), question=row["question"],
                                    gold_sql=row["query"], source="spider"))
             except MalformedRecord as e:

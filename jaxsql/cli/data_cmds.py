@@ -1,7 +1,116 @@
-"""Subcommands of this room (filled in by its issue)."""
+"""``jaxsql data stats``, ``jaxsql data build`` and ``jaxsql data synth``."""
+
+from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from jaxsql.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to `sub` and benchmarks to `bench`."""
+    data = sub.add_parser("data", help="datasets: statistics, TFDS builds, the synthetic benchmark")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data.set_defaults(func=lambda args: _missing(data))
+
+    p = dsub.add_parser("stats", help="count examples and databases, and how many gold queries execute (JSON)")
+    p.add_argument("source", help="reader name: spider, bird, geoquery, wikitq, temptabqa_c, jsonl")
+    p.add_argument("path", help="the dataset's root directory (or file, for jsonl/geoquery)")
+    p.add_argument("--split", default=None, help="split to read (default: the reader's default)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed rows (counted in a warning)")
+    p.add_argument("--no-databases", action="store_true", help="read questions without requiring databases")
+    p.add_argument("--split-kind", choices=("question", "query"), default=None, help="geoquery: which split")
+    p.add_argument("--db-dir", default=None, help="temptabqa_c: where to build the athlete databases")
+    p.add_argument("--check", action="store_true",
+                   help="temptabqa_c: also run the published SQL per type and count answers reproduced")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per gold query (default 5)")
+    p.set_defaults(func=_stats)
+
+    p = dsub.add_parser("build", help="build the TFDS (ArrayRecord) dataset of a source")
+    p.add_argument("source", help="spider, bird, geoquery, wikitq, temptabqa_c, jsonl or synthetic")
+    p.add_argument("--manual-dir", required=True, help="folder holding the source data")
+    p.add_argument("--data-dir", default="tfds_data", help="TFDS output directory (default ./tfds_data)")
+    p.add_argument("--config", default=None, help="builder config (geoquery: question or query)")
+    p.set_defaults(func=_build)
+
+    p = dsub.add_parser("synth", help="write the synthetic benchmark (databases + train/dev JSONL)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-dev", type=int, default=300)
+    p.add_argument("--max-level", type=int, choices=(1, 2, 3), default=3,
+                   help="difficulty: 1 one-table, 2 +grouping/ordering, 3 +joins/nesting")
+    p.set_defaults(func=_synth)
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from data.readers import read_examples
+    from jaxsql.sql.sandbox import execute
+
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    options: dict = {}
+    if args.no_databases:
+        options["require_databases"] = False
+    if args.split_kind:
+        if args.source not in ("geoquery", "text2sql"):
+            raise UsageError("--split-kind applies to geoquery only")
+        options["split_kind"] = args.split_kind
+    if args.db_dir:
+        if args.source != "temptabqa_c":
+            raise UsageError("--db-dir applies to temptabqa_c only")
+        options["db_dir"] = args.db_dir
+    examples = read_examples(args.source, args.path, split=args.split, skip_bad=args.skip_bad, **options)
+    dbs = sorted({e.db_path for e in examples})
+    present = [d for d in dbs if Path(d).is_file()]
+    with_sql = [e for e in examples if e.gold_sql]
+    executes = 0
+    for e in with_sql:
+        if Path(e.db_path).is_file() and execute(e.db_path, e.gold_sql, timeout_s=args.timeout,
+                                                 max_rows=100_000).ok:
+            executes += 1
+    out = {
+        "source": args.source, "split": args.split, "examples": len(examples), "databases": len(dbs),
+        "databases_present": len(present), "with_gold_sql": len(with_sql), "gold_sql_execute": executes,
+        "with_gold_answers": sum(1 for e in examples if e.gold_answers),
+    }
+    if args.check:
+        if args.source != "temptabqa_c" or not args.db_dir:
+            raise UsageError("--check needs source temptabqa_c and --db-dir")
+        from data.temptabqa_check import check_reproduction
+
+        report = check_reproduction(args.path, args.db_dir, split=args.split or "dev")
+        out["published_sql"] = {"questions": report.total, "executed": report.executed,
+                                "reproduced": report.reproduced, "fraction": round(report.fraction, 4)}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from data.tfds_builders import build_dataset
+
+    builder = build_dataset(args.source, args.manual_dir, args.data_dir, config=args.config)
+    splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+    print(json.dumps({"name": builder.name, "dir": str(builder.data_dir), "splits": splits}, indent=1))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    import time
+
+    from data.synthetic import generate_benchmark
+
+    start = time.perf_counter()
+    bench = generate_benchmark(args.out, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev,
+                               max_level=args.max_level)
+    print(json.dumps({"out": bench.out_dir, "train": len(bench.train), "dev": len(bench.dev),
+                      "databases": len(bench.db_paths), "seconds": round(time.perf_counter() - start, 2)},
+                     indent=1))
+    return 0
