@@ -10,6 +10,7 @@ lines are ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,8 +40,7 @@ def read_jsonl(path: str | Path, *, split: str = "", skip_bad: bool = False,
                     db = (base / db).resolve()
                 if require_databases:
                     check_database(db, where)
-                from dataclasses import replace
-                out.append(replace(ex, db_path=str(db)))
+                out.append(dataclasses.replace(ex, db_path=str(db)))
             except json.JSONDecodeError as e:
                 bad.add(MalformedRecord(f"{where}: invalid JSON ({e.msg})"), skip_bad)
             except MalformedRecord as e:
