@@ -51,3 +51,14 @@ def test_tfds_style_record():
            "gold_answers": b'["1", "2"]', "difficulty": b"", "source": b"s"}
     ex = example_from_record(rec)
     assert ex.gold_sql is None and ex.gold_answers == ("1", "2") and ex.id == "x"
+
+
+def test_resume_infinite_repeat(small_bench):
+    kw = dict(batch_size=16, seed=5, num_epochs=None, shard_index=0, shard_count=1)
+    it = make_iterator(small_bench.train, **kw)
+    for _ in range(20):  # past two epochs of 120 records
+        next(it)
+    state = iterator_state(it)
+    expected = [_ids([next(it)]) for _ in range(10)]
+    resumed = restore_iterator(make_iterator(small_bench.train, **kw), state)
+    assert [_ids([next(resumed)]) for _ in range(10)] == expected
