@@ -132,11 +132,13 @@ class KVCache(NamedTuple):
 
     Slots [0, index) are written; ``mask_BS`` marks the written slots that
     hold real (non-pad) tokens. All rows share one write `index`, which is
-    why prompts are left-padded to a common length.
+    why prompts are left-padded to a common length. Heads come before slots
+    (L, B, K, S, H) so that a layer's keys are already in the layout of the
+    attention matmuls (no per-step transpose of the cache).
     """
 
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    k_LBKSH: jax.Array
+    v_LBKSH: jax.Array
     mask_BS: jax.Array
     index: jax.Array
 
@@ -144,7 +146,7 @@ class KVCache(NamedTuple):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
     dt = jnp.dtype(dtype or cfg.compute_dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt),
                    jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
 
@@ -198,20 +200,20 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
+def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
     """Grouped-query softmax(q k^T / sqrt(H)) v; disallowed keys get zero weight.
 
     Scores and softmax in float32. A query row with no allowed key (a pad
     query) gets uniform weights instead of NaN; its output is never used.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K = k_BKSH.shape[1]
     q = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH, preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
     scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH)
     return out.reshape(B, T, N, H)
 
 
@@ -255,31 +257,38 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
         q_slot_T = cache.index + jnp.arange(T)
         allowed_BTS = (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None]) & key_mask_BS[:, None, :]
 
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def proj(x_BTX, w):  # a plain 2-D GEMM: [B*T, X] @ [X, Y], the layout CPU and TPU like best
+        w2 = w.astype(cdt).reshape(x_BTX.shape[-1], -1)
+        return (x_BTX.reshape(B * T, -1) @ w2).reshape(B, T, *w.shape[1:])
+
     def block(x_BTD, lp, k_cache, v_cache, layer):
         h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
-        q = jnp.einsum("BTD,DNH->BTNH", h, lp["wq"].astype(cdt))
-        k = jnp.einsum("BTD,DKH->BTKH", h, lp["wk"].astype(cdt))
-        v = jnp.einsum("BTD,DKH->BTKH", h, lp["wv"].astype(cdt))
+        q = proj(h, lp["wq"])  # BTD,DNH->BTNH
+        k = proj(h, lp["wk"])  # BTD,DKH->BTKH
+        v = proj(h, lp["wv"])
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"].astype(cdt), k + lp["bk"].astype(cdt), v + lp["bv"].astype(cdt)
         if cfg.qk_norm:
             q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # BTKH -> BKTH
         if k_cache is None:
             keys, values = k, v
         else:
             # Write this layer's new keys in place; the full cache rides in the scan carry
             # so XLA updates it without copying.
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, cache.index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, cache.index, 0, 0))
+            at = (layer, 0, 0, cache.index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
             keys, values = k_cache[layer].astype(cdt), v_cache[layer].astype(cdt)
         a = attention(q, keys, values, allowed_BTS)
-        x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", a, lp["wo"].astype(cdt))
+        x_BTD = x_BTD + proj(a.reshape(B, T, N * H), lp["wo"].reshape(N * H, D))  # BTNH,NHD->BTD
         h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
-        gate = jnp.einsum("BTD,DF->BTF", h, lp["w_gate"].astype(cdt))
-        up = jnp.einsum("BTD,DF->BTF", h, lp["w_up"].astype(cdt))
-        x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"].astype(cdt))
+        gate, up = proj(h, lp["w_gate"]), proj(h, lp["w_up"])  # BTD,DF->BTF
+        x_BTD = x_BTD + proj(jax.nn.silu(gate) * up, lp["w_down"])  # BTF,FD->BTD
         return x_BTD, k_cache, v_cache
 
     if cache is None:
@@ -296,7 +305,7 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
             x, kc, vc = block(x, lp, kc, vc, layer)
             return (x, kc, vc, layer + 1), None
 
-        init = (x_BTD, cache.k_LBSKH, cache.v_LBSKH, jnp.zeros((), jnp.int32))
+        init = (x_BTD, cache.k_LBKSH, cache.v_LBKSH, jnp.zeros((), jnp.int32))
         (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, init, params["layers"])
         new_cache = KVCache(k_all, v_all, key_mask_BS, cache.index + T)
 

@@ -1,0 +1,145 @@
+"""Benchmarks of this package: sampling throughput (vs transformers) and HF import/export memory.
+
+`bench_generate` times `models.sampler.generate` on random prompts after a
+warm-up call (compilation excluded) and, optionally, transformers'
+``generate`` on the same weights with the same sampling settings and a
+fixed length (``min_new_tokens``), in the same process, so the ratio is
+taken under the same machine load.
+
+`bench_hf_memory` runs import and export of a checkpoint in fresh
+subprocesses and reports the peak RSS (``resource.getrusage``) above the
+RSS of the same process right after JAX initialised, in units of the
+checkpoint's parameter bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def bench_generate(model_dir: str | Path, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 64,
+                   ignore_eos: bool = True, compare_hf: bool = False, temperature: float = 1.0,
+                   top_p: float = 1.0, top_k: int = 0, greedy: bool = False, seed: int = 0,
+                   dtype: str | None = None) -> dict[str, Any]:
+    """Generated tokens per second of jaxsql (and transformers with `compare_hf`)."""
+    import jax
+    import numpy as np
+
+    from models.hf_io import load_hf_checkpoint
+    from models.sampler import generate
+
+    cfg, params = load_hf_checkpoint(model_dir, param_dtype=dtype)
+    rng = np.random.RandomState(seed)
+    low = 3 if cfg.vocab_size > 3 else 0
+    prompts = rng.randint(low, cfg.vocab_size, (batch, prompt_len)).tolist()
+    kwargs = dict(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+                  ignore_stop=ignore_eos)
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(generate(params, cfg, prompts, key=jax.random.key(seed), **kwargs))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(generate(params, cfg, prompts, key=jax.random.key(seed + 1), **kwargs))
+    elapsed = time.perf_counter() - t0
+    generated = int(np.asarray(out.lengths).sum())
+    result: dict[str, Any] = {
+        "model": str(model_dir), "architecture": cfg.architecture, "params": cfg.num_params(),
+        "param_dtype": cfg.param_dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "ignore_eos": ignore_eos, "temperature": temperature, "top_p": top_p, "top_k": top_k, "greedy": greedy,
+        "backend": jax.default_backend(), "devices": len(jax.devices()),
+        "jaxsql_first_call_s": round(compile_s, 3), "jaxsql_seconds": round(elapsed, 3),
+        "jaxsql_generated_tokens": generated, "jaxsql_tokens_per_s": round(generated / elapsed, 1),
+    }
+    if compare_hf:
+        result.update(_bench_hf(model_dir, prompts, new_tokens=new_tokens, ignore_eos=ignore_eos,
+                                temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seed=seed,
+                                pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+        result["speedup_vs_hf"] = round(result["jaxsql_tokens_per_s"] / result["hf_tokens_per_s"], 2)
+    return result
+
+
+def _bench_hf(model_dir, prompts, *, new_tokens, ignore_eos, temperature, top_p, top_k, greedy, seed, pad_id):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor(prompts)
+    gen: dict[str, Any] = dict(max_new_tokens=new_tokens, pad_token_id=pad_id, attention_mask=torch.ones_like(ids))
+    if greedy:
+        gen.update(do_sample=False)
+    else:
+        gen.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    if ignore_eos:
+        gen["min_new_tokens"] = new_tokens
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.generate(ids[:, :8], **{**gen, "max_new_tokens": 2, "min_new_tokens": 0,
+                                      "attention_mask": torch.ones_like(ids[:, :8])})  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(ids, **gen)
+        elapsed = time.perf_counter() - t0
+    new = out[:, ids.shape[1]:]
+    generated = int(new.numel()) if ignore_eos else int((new != pad_id).sum())
+    return {"hf_seconds": round(elapsed, 3), "hf_generated_tokens": generated,
+            "hf_tokens_per_s": round(generated / elapsed, 1), "torch_threads": torch.get_num_threads(),
+            "transformers_version": transformers.__version__, "torch_version": torch.__version__}
+
+
+_MEMORY_CHILD = r"""
+import json, resource, sys, time
+mode, src, dst = sys.argv[1], sys.argv[2], sys.argv[3]
+import jax, jax.numpy as jnp
+jnp.zeros(1).block_until_ready()
+def peak_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from models import hf_io
+from models.config import load_hf_config
+from models.model import init_params
+extra = {}
+if mode == "import":
+    base = peak_bytes()
+    t0 = time.perf_counter()
+    cfg, params = hf_io.load_hf_checkpoint(src)
+    jax.block_until_ready(params)
+else:
+    cfg = load_hf_config(src)
+    base = peak_bytes()
+    params = init_params(cfg, jax.random.key(0))
+    jax.block_until_ready(params)
+    extra["rss_with_params_bytes"] = peak_bytes()
+    t0 = time.perf_counter()
+    hf_io.save_hf_checkpoint(dst, cfg, params, max_shard_bytes=int(sys.argv[4]), overwrite=True)
+elapsed = time.perf_counter() - t0
+param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+print(json.dumps({"mode": mode, "baseline_rss_bytes": base, "peak_rss_bytes": peak_bytes(),
+                  "param_bytes": param_bytes, "seconds": round(elapsed, 3), **extra}))
+"""
+
+
+def bench_hf_memory(model_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 64 * 1024**2) -> dict[str, Any]:
+    """Peak RSS of HF import and export above the JAX-initialised baseline, in parameter bytes.
+
+    Baseline = peak RSS right after JAX initialised. Import then loads the
+    checkpoint; export creates the parameters (JAX init, on the host like
+    any CPU array) and writes them, so both rises include the parameters
+    themselves (1x) plus the transient host buffers of the conversion.
+    Export also reports ``rss_with_params_bytes`` (peak after creating the
+    parameters, before writing).
+    """
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    result: dict[str, Any] = {"model": str(model_dir), "max_shard_bytes": max_shard_bytes}
+    for mode in ("import", "export"):
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, str(model_dir), str(out_dir),
+                               str(max_shard_bytes)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{mode} benchmark failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rise = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+        result[mode] = {**r, "rss_rise_bytes": rise, "rise_over_param_bytes": round(rise / r["param_bytes"], 3)}
+    return result

@@ -1,0 +1,228 @@
+"""Autoregressive sampling: left-padded prompt buckets, dense KV cache, jitted prefill + decode loop.
+
+`generate` left-pads the prompts to a bucket length (so the number of
+compiled shapes stays small), runs one jitted prefill over the N prompts,
+repeats the cache G times (G samples per prompt share one prefill), then
+one jitted `lax.while_loop` decodes up to `max_new_tokens` tokens with its
+state (cache included) donated so XLA updates it in place. The loop stops
+early once every row has produced a stop token.
+
+Sampling per step, in the order of transformers' logits warpers:
+stop-token masking (`ignore_stop`), temperature, top-k, top-p (nucleus),
+then a categorical draw; `greedy` takes the argmax instead. Top-p sorts
+only the top-k candidates when top_k > 0, the whole vocabulary otherwise;
+with top_p == 1 and top_k == 0 nothing is sorted.
+
+Log-probabilities returned are those of the *model* at the sampling
+temperature: ``log_softmax(logits / temperature)[token]`` before top-k /
+top-p truncation and stop masking (temperature 1 for greedy), i.e. what
+``models.model.token_logprobs(..., temperature=T)`` recomputes for the
+same tokens, which is the old-policy log-prob GRPO needs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsql.errors import JaxsqlError
+from models.config import ModelConfig
+from models.model import KVCache, Params, forward, init_cache, positions_from_mask
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class SampleOutput(NamedTuple):
+    """Samples; row ``n * G + g`` is sample g of prompt n.
+
+    tokens [N*G, max_new] (pad_id after the stop token), logprobs [N*G,
+    max_new] float32 (0 after the stop token), lengths [N*G] (generated
+    tokens including the stop token), prompt_tokens / prompt_mask [N*G, P]
+    (left-padded to the bucket length P).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+
+
+class SamplingParams(NamedTuple):
+    """Hashable sampling settings (a static jit argument)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    stop_ids: tuple[int, ...] = ()
+    ignore_stop: bool = False
+    pad_id: int = 0
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= n (multiples of the largest bucket beyond it)."""
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    top = max(buckets)
+    return -(-n // top) * top
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to `length`: (tokens [N, length] int32, mask [N, length] bool)."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.bool_)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, length - len(p):] = np.asarray(p, np.int32)
+            mask[i, length - len(p):] = True
+    return tokens, mask
+
+
+def categorical(key: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
+    """Exact draw from softmax(logits) per row by inverting the CDF with one uniform per row.
+
+    `jax.random.categorical` (Gumbel-max) needs B x V random numbers, which
+    dominated a CPU decode step; here u ~ U(0, 1] picks the first token whose
+    cumulative probability reaches u, found in two levels (blocks of `block`
+    tokens, then within the chosen block) so the scans stay short.
+    """
+    B, V = logits_BV.shape
+    pad = (-V) % block
+    p = jnp.pad(jax.nn.softmax(logits_BV, axis=-1), ((0, 0), (0, pad))).reshape(B, -1, block)
+    block_mass = p.sum(-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    u = (1.0 - jax.random.uniform(key, (B,))) * block_cdf[:, -1]  # (0, total]: never a zero-probability token
+    b = jnp.minimum(jnp.sum(block_cdf < u[:, None], axis=-1), block_cdf.shape[1] - 1)
+    start = (jnp.take_along_axis(block_cdf, b[:, None], -1) - jnp.take_along_axis(block_mass, b[:, None], -1))[:, 0]
+    inner_cdf = jnp.cumsum(jnp.take_along_axis(p, b[:, None, None], 1)[:, 0], axis=-1) + start[:, None]
+    j = jnp.minimum(jnp.sum(inner_cdf < u[:, None], axis=-1), block - 1)
+    return jnp.minimum(b * block + j, V - 1)
+
+
+def sample_token(logits_BV: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row; returns (token [B], model log-prob at the temperature [B])."""
+    logits = logits_BV.astype(jnp.float32)
+    temp = 1.0 if sp.greedy else sp.temperature
+    scaled = logits / temp
+    logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+    if sp.ignore_stop and sp.stop_ids:
+        scaled = scaled.at[:, jnp.asarray(sp.stop_ids)].set(-jnp.inf)
+    if sp.greedy:
+        token = jnp.argmax(scaled, axis=-1)
+    else:
+        filtered = scaled
+        if sp.top_k > 0 or sp.top_p < 1.0:
+            k = sp.top_k if sp.top_k > 0 else scaled.shape[-1]
+            top_vals, _ = jax.lax.top_k(scaled, k)  # sorted, descending
+            threshold = top_vals[:, -1]
+            if sp.top_p < 1.0:
+                probs = jax.nn.softmax(top_vals, axis=-1)
+                # keep the smallest prefix whose mass reaches top_p (the first token always)
+                keep = (jnp.cumsum(probs, axis=-1) - probs) < sp.top_p
+                n_keep = jnp.sum(keep, axis=-1)
+                threshold = jnp.take_along_axis(top_vals, (n_keep - 1)[:, None], axis=-1)[:, 0]
+            filtered = jnp.where(scaled < threshold[:, None], -jnp.inf, scaled)
+        token = categorical(key, filtered)
+    logprob = jnp.take_along_axis(logp_BV, token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logprob
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_samples", "cache_len"))
+def _prefill(params: Params, tokens_NP: jax.Array, mask_NP: jax.Array, cfg: ModelConfig, num_samples: int,
+             cache_len: int) -> tuple[jax.Array, KVCache]:
+    """Run the prompts once, then repeat logits and cache for the G samples of each prompt."""
+    N, P = tokens_NP.shape
+    cache = init_cache(cfg, N, cache_len)
+    # Only the last position's logits are needed: slice hidden states before the vocab matmul.
+    from models.model import hidden_states, output_logits
+
+    h, cache = hidden_states(params, tokens_NP, positions_from_mask(mask_NP), cfg, mask_BT=mask_NP, cache=cache)
+    logits_NV = output_logits(params, h[:, -1:], cfg)[:, 0]
+    rep = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    cache = KVCache(jnp.repeat(cache.k_LBKSH, num_samples, axis=1), jnp.repeat(cache.v_LBKSH, num_samples, axis=1),
+                    rep(cache.mask_BS), cache.index)
+    return rep(logits_NV), cache
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array
+    logits_BV: jax.Array
+    tokens_BM: jax.Array
+    logprobs_BM: jax.Array
+    done_B: jax.Array
+    lengths_B: jax.Array
+    positions_B: jax.Array
+    cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "max_new"), donate_argnames=("logits_BV", "cache"))
+def _decode(params: Params, logits_BV: jax.Array, cache: KVCache, positions_B: jax.Array, key: jax.Array,
+            cfg: ModelConfig, sp: SamplingParams, max_new: int):
+    B = logits_BV.shape[0]
+    stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
+    check_stop = bool(sp.stop_ids) and not sp.ignore_stop
+
+    def cond(s: _LoopState):
+        return (s.step < max_new) & ~jnp.all(s.done_B)
+
+    def body(s: _LoopState) -> _LoopState:
+        token, logprob = sample_token(s.logits_BV, jax.random.fold_in(key, s.step), sp)
+        token = jnp.where(s.done_B, sp.pad_id, token)
+        logprob = jnp.where(s.done_B, 0.0, logprob)
+        tokens = jax.lax.dynamic_update_slice(s.tokens_BM, token[:, None], (0, s.step))
+        logprobs = jax.lax.dynamic_update_slice(s.logprobs_BM, logprob[:, None], (0, s.step))
+        lengths = s.lengths_B + (~s.done_B).astype(jnp.int32)
+        done = s.done_B | (jnp.isin(token, stop) if check_stop else False)
+        logits, cache = forward(params, token[:, None], s.positions_B[:, None], cfg,
+                                mask_BT=jnp.ones((B, 1), jnp.bool_), cache=s.cache)
+        return _LoopState(s.step + 1, logits[:, 0], tokens, logprobs, done, lengths, s.positions_B + 1, cache)
+
+    init = _LoopState(jnp.zeros((), jnp.int32), logits_BV, jnp.full((B, max_new), sp.pad_id, jnp.int32),
+                      jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), jnp.bool_),
+                      jnp.zeros((B,), jnp.int32), positions_B, cache)
+    out = jax.lax.while_loop(cond, body, init)
+    # The final logits and cache are returned so the donated input buffers can be aliased to them.
+    return out.tokens_BM, out.logprobs_BM, out.lengths_B, out.logits_BV, out.cache
+
+
+def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, key: jax.Array,
+             max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, greedy: bool = False, stop_ids: Sequence[int] | None = None,
+             ignore_stop: bool = False, pad_id: int | None = None,
+             buckets: Sequence[int] = DEFAULT_BUCKETS) -> SampleOutput:
+    """Sample `num_samples` continuations of each prompt (lists of token ids).
+
+    `stop_ids` defaults to the config's EOS ids; `ignore_stop` masks their
+    logits so every row runs `max_new_tokens` (benchmarks, parity checks).
+    `pad_id` defaults to the config's pad id (0 if it has none).
+    """
+    if not prompts:
+        raise JaxsqlError("generate: no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise JaxsqlError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise JaxsqlError("generate: max_new_tokens and num_samples must be >= 1")
+    if not greedy and temperature <= 0:
+        raise JaxsqlError(f"generate: temperature must be > 0 (got {temperature}); use greedy=True for argmax")
+    if not 0.0 < top_p <= 1.0:
+        raise JaxsqlError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or top_k > cfg.vocab_size:
+        raise JaxsqlError(f"generate: top_k must be in [0, vocab_size], got {top_k}")
+    stop = tuple(int(s) for s in (cfg.eos_token_ids if stop_ids is None else stop_ids))
+    pad = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+    sp = SamplingParams(float(temperature), float(top_p), int(top_k), bool(greedy), stop, bool(ignore_stop), pad)
+
+    P = bucket_length(max(len(p) for p in prompts), buckets)
+    tokens_NP, mask_NP = left_pad(prompts, P, pad)
+    tokens_NP, mask_NP = jnp.asarray(tokens_NP), jnp.asarray(mask_NP)
+    logits, cache = _prefill(params, tokens_NP, mask_NP, cfg, num_samples, P + max_new_tokens)
+    positions = jnp.repeat(jnp.sum(mask_NP, axis=1, dtype=jnp.int32), num_samples)
+    tokens, logprobs, lengths, _, _ = _decode(params, logits, cache, positions, key, cfg, sp, max_new_tokens)
+    return SampleOutput(tokens, logprobs, lengths, jnp.repeat(tokens_NP, num_samples, axis=0),
+                        jnp.repeat(mask_NP, num_samples, axis=0))
