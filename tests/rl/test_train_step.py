@@ -1,0 +1,117 @@
+"""The jitted train step: sharded == single device, micro-batches, NaN guard, SFT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsql.sharding import make_mesh
+from models.config import ModelConfig
+from models.model import init_params
+from rl import algo
+from rl.config import OptimSection
+from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+N, P, C = 8, 5, 4
+
+
+def _batch(seed=0, beta=True):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 64, (N, P + C)).astype(np.int32)
+    mask = np.ones((N, P + C), np.int32)
+    mask[0, :2] = 0  # left padding
+    mask[3, -2:] = 0  # short completion
+    tokens[mask == 0] = 0
+    cm = np.zeros_like(mask)
+    cm[:, P:] = mask[:, P:]
+    b = {"tokens": tokens, "mask": mask, "completion_mask": cm,
+         "advantages": rng.normal(size=N).astype(np.float32),
+         "old_logp": (-4.0 + 0.1 * rng.normal(size=(N, P + C))).astype(np.float32) * cm,
+         "sampler_logp": (-4.0 + 0.1 * rng.normal(size=(N, P + C))).astype(np.float32) * cm}
+    if beta:
+        b["ref_logp"] = (-4.1 + 0.1 * rng.normal(size=(N, P + C))).astype(np.float32) * cm
+    return b
+
+
+_STEPS = {}
+
+
+def _train_step(mesh, sc, lr, adam_eps):
+    # one compiled step per setting: compiling dominates these tests' time
+    key = (tuple(mesh.shape.items()), sc, lr, adam_eps)
+    if key not in _STEPS:
+        opt = make_optimizer(OptimSection(learning_rate=lr, max_grad_norm=1.0, weight_decay=0.01,
+                                          eps=adam_eps), 10)
+        _STEPS[key] = TrainStep(CFG, sc, opt, mesh)
+    return _STEPS[key]
+
+
+def _run(mesh, sc, batch, steps=1, lr=1e-3, adam_eps=1e-4):
+    ts = _train_step(mesh, sc, lr, adam_eps)
+    opt = ts.optimizer
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    state = init_state(params, opt, ts.state_shardings)
+    metrics = None
+    for _ in range(steps):
+        state, metrics = ts(state, ts.place_batch(batch))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+SC = StepConfig(loss=algo.PolicyLossConfig(loss_agg="token_mean", eps_high=0.28, beta=0.04, max_len=C,
+                                           tis_cap=2.0))
+
+
+def test_eight_devices_equal_one_device():
+    assert len(jax.devices()) == 8
+    # Adam's first update is ~lr * g / (|g| + eps): with eps=1e-8 a gradient entry
+    # near 1e-8 turns a 1e-9 difference in summation order into a 1e-4 step, so
+    # the test uses eps=1e-4 to compare the step, not the rounding of ~0 gradients.
+    one, m1 = _run(make_mesh(1, 1, 1, devices=jax.devices()[:1]), SC, _batch())
+    eight, m8 = _run(make_mesh(2, 2, 2), SC, _batch())
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(eight["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    assert int(eight["step"]) == 1 and int(eight["skipped"]) == 0
+    # the parameters really moved
+    p0 = init_params(CFG, jax.random.PRNGKey(0))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(one["params"]))) > 1e-4
+    for k in ("kl", "clip_fraction", "entropy", "mismatch_abs", "grad_norm"):
+        assert np.isfinite(m8[k]), k
+
+
+def test_micro_batches_equal_full_batch():
+    agg = "token_mean"  # rl/test_algo covers every aggregation's micro-batch algebra
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    loss = SC.loss
+    full, mf = _run(mesh, SC, _batch())
+    micro, mm = _run(mesh, StepConfig(loss=loss, micro_batches=2), _batch())
+    np.testing.assert_allclose(mf["loss"], mm["loss"], rtol=1e-5)
+    np.testing.assert_allclose(mf["grad_norm"], mm["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(micro["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nan_guard_skips_update():
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    b = _batch()
+    b["advantages"][0] = np.nan
+    state, m = _run(mesh, SC, b)
+    p0 = init_params(CFG, jax.random.PRNGKey(0))
+    for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, c)
+    assert int(state["skipped"]) == 1 and int(state["step"]) == 0 and m["update_skipped"] == 1.0
+
+
+def test_without_old_logp_ratio_is_one_and_sft_lowers_nll():
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    b = _batch(beta=False)
+    del b["old_logp"], b["sampler_logp"]
+    _, m = _run(mesh, StepConfig(loss=algo.PolicyLossConfig(beta=0.0, max_len=C)), b)
+    np.testing.assert_allclose(m["ratio"], 1.0, rtol=1e-6)
+    assert m["clip_fraction"] == 0.0 and "kl" not in m
+    sft = {k: b[k] for k in ("tokens", "mask", "completion_mask")}
+    _, m1 = _run(mesh, StepConfig(kind="sft"), sft, steps=1, lr=1e-2)
+    _, m5 = _run(mesh, StepConfig(kind="sft"), sft, steps=8, lr=1e-2)
+    assert m5["nll"] < m1["nll"] - 0.1
