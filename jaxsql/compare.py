@@ -214,7 +214,6 @@ def qatch_score(pred: Rows, gold: Rows) -> float:
 
 # ---------------------------------------------------------------------------
 # denotation match (WikiTableQuestions evaluator semantics, Pasupat & Liang 2015)
-_MONTHS = "%B", "%b"
 _DATE_FORMATS = (
     "%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%B %d, %Y", "%b %d, %Y", "%d %B %Y", "%d %b %Y",
     "%B %d %Y", "%b %d %Y", "%Y-%m", "%B %Y", "%b %Y",

@@ -37,6 +37,7 @@ from jaxsql.sql.result import ERROR_KINDS, ExecResult
 _CONNECTIONS_PER_THREAD = 32
 ABANDON_GRACE_S = 0.3
 _POLL_S = 0.02
+_LAZY = object()
 
 
 class _Job:
@@ -161,10 +162,10 @@ class SqlPool:
             self._cache.clear()
 
     # -- internals ---------------------------------------------------------
-    def _query_entry(self, db_path: str, sql: str) -> tuple[str, Hashable | None, str, str]:
-        if self.cache_size == 0:
-            return ("query", None, db_path, sql)
-        return ("query", (os.path.abspath(db_path), normalize_sql(sql)), db_path, sql)
+    def _query_entry(self, db_path: str, sql: str) -> tuple[str, Any, str, str]:
+        # The key is computed lazily in `_resolve`, so that workers start on
+        # the first jobs while the caller still normalises the later ones.
+        return ("query", None if self.cache_size == 0 else _LAZY, db_path, sql)
 
     def _gold_entry(self, example_id: str, db_path: str, sql: str) -> tuple[str, Hashable, str, str]:
         return ("gold", (example_id, os.path.abspath(db_path), sql), db_path, sql)
@@ -174,13 +175,15 @@ class SqlPool:
         self._queue.put(job)
         return job
 
-    def _resolve(self, entries: list[tuple[str, Hashable | None, str, str]]) -> list[ExecResult]:
+    def _resolve(self, entries: list[tuple[str, Any, str, str]]) -> list[ExecResult]:
         if self._closed:
             raise RuntimeError("SqlPool is closed")
         results: list[ExecResult | None] = [None] * len(entries)
         pending: dict[Hashable, tuple[str, Hashable | None, _Job, list[int]]] = {}
-        with self._lock:
-            for i, (store, key, db, sql) in enumerate(entries):
+        for i, (store, key, db, sql) in enumerate(entries):
+            if key is _LAZY:
+                key = (os.path.abspath(db), normalize_sql(sql))
+            with self._lock:
                 if key is None:
                     pending[("uncached", i)] = (store, None, self._submit(db, sql), [i])
                     self._counts["misses"] += 1

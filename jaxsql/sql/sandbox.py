@@ -23,7 +23,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jaxsql.sql.result import ExecResult
 
@@ -206,7 +206,11 @@ def run_query(
     return ExecResult.failure(kind, message, elapsed)
 
 
-def _run_once(con, sql, deadline, max_rows, max_bytes, text_factory):
+def _run_once(
+    con: sqlite3.Connection, sql: str, deadline: float, max_rows: int, max_bytes: int,
+    text_factory: Callable[[bytes], str] | type[str],
+) -> tuple[bool, tuple[Any, Any]] | None:
+    """``(True, (columns, rows))``, ``(False, (kind, message))``, or None to retry with lenient text decoding."""
     timed_out = False
 
     def progress() -> int:
