@@ -24,6 +24,7 @@ from jaxsql.compare import compare_all
 from jaxsql.config import require
 from jaxsql.errors import ConfigError, JaxsqlError
 from jaxsql.extract import cocte_format_ok, extract_sql, format_ok
+from jaxsql.sql.pool import SqlPool
 from jaxsql.sql.result import ExecResult
 
 MATCHES = ("ex_bag", "ex_set", "ex_ordered")
@@ -250,7 +251,7 @@ _ITEM_KEYS = ("ex_set", "ex_bag", "ex_ordered", "cell_precision", "cell_recall",
               "denotation_exact", "denotation_relaxed")
 
 
-def score_batch(pool: Any, completions: Sequence[str], examples: Sequence[ExampleLike],
+def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[ExampleLike],
                 config: RewardConfig) -> ScoreBatch:
     """Score completions[i] against examples[i] (repeat each example G times for GRPO groups).
 

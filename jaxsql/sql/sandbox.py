@@ -189,6 +189,10 @@ def run_query(
     start = time.perf_counter()
     if not isinstance(sql, str) or not sql.strip():
         return ExecResult.failure("syntax", "empty query", time.perf_counter() - start)
+    try:
+        sql.encode("utf-8")
+    except UnicodeEncodeError:
+        return ExecResult.failure("syntax", "query is not valid UTF-8 text", time.perf_counter() - start)
     if "\x00" in sql:
         return ExecResult.failure("syntax", "query contains a NUL character", time.perf_counter() - start)
     if len(sql) > _MAX_SQL_LENGTH:
@@ -287,7 +291,10 @@ def execute(
     with ``ok=False`` and an error kind (``syntax``, ``runtime``, ``timeout``,
     ``too_large``, ``denied``, ``db_missing``). More than `max_rows` rows or
     more than `max_bytes` bytes of values is ``too_large`` (no truncated result).
+    Raises ValueError for a non-positive `timeout_s`, `max_rows` or `max_bytes`.
     """
+    if not (timeout_s > 0 and max_rows >= 1 and max_bytes >= 1):
+        raise ValueError(f"execute: need timeout_s > 0, max_rows >= 1, max_bytes >= 1; got {timeout_s}, {max_rows}, {max_bytes}")
     start = time.perf_counter()
     try:
         con = open_readonly(db_path, max_bytes)

@@ -74,3 +74,14 @@ def test_exec_result_validates_kind():
     with pytest.raises(ValueError):
         ExecResult(ok=True, error="syntax")
     assert set(ERROR_KINDS) == {"syntax", "runtime", "timeout", "too_large", "denied", "db_missing"}
+
+
+def test_invalid_utf8_sql_text(tiny_db):
+    r = execute(tiny_db, "SELECT '\udcff'")
+    assert r.error == "syntax" and "UTF-8" in r.message
+
+
+@pytest.mark.parametrize("kwargs", [dict(timeout_s=0), dict(max_rows=0), dict(max_bytes=0)])
+def test_bad_limits_raise(tiny_db, kwargs):
+    with pytest.raises(ValueError):
+        execute(tiny_db, "SELECT 1", **kwargs)
