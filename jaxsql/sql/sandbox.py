@@ -37,6 +37,7 @@ PROGRESS_EVERY = 10_000
 _FETCH_CHUNK = 64
 _MAX_SQL_LENGTH = 1_000_000
 _MAX_EXPR_DEPTH = 1_000
+_MMAP_BYTES = 256 << 20
 
 _READ_PRAGMAS = frozenset(
     {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
@@ -128,6 +129,9 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con.create_function("format", -1, guard)
         con.execute("PRAGMA query_only = ON")
         con.execute("PRAGMA trusted_schema = OFF")
+        # Read pages through a memory map: no copy into a per-connection page
+        # cache, and the OS page cache is shared by all worker threads.
+        con.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
         # Reading the schema once here turns "not a database" into db_missing.
         con.execute("SELECT count(*) FROM sqlite_master").fetchall()
         con.set_authorizer(_authorize)
