@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import math
 import re
 import unicodedata
@@ -93,6 +94,7 @@ def ex_ordered(pred: Rows, gold: Rows, gold_sql: str | None) -> bool:
 _QUOTED = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]""")
 
 
+@functools.lru_cache(maxsize=65_536)
 def has_top_level_order_by(sql: str) -> bool:
     """True when the outermost query of `sql` has ORDER BY (not one inside a subquery or CTE).
 
