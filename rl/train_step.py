@@ -197,6 +197,9 @@ def make_step_fn(model_cfg: ModelConfig, sc: StepConfig,
     return step
 
 
+_SHARED: dict[tuple, dict] = {}
+
+
 class TrainStep:
     """The jitted step with explicit in/out shardings over `mesh`, state donated.
 
@@ -205,12 +208,17 @@ class TrainStep:
     """
 
     def __init__(self, model_cfg: ModelConfig, sc: StepConfig, optimizer: optax.GradientTransformation,
-                 mesh, rules=None):
+                 mesh, rules=None, cache_key: Any = None):
+        """`cache_key` (hashable, e.g. the OptimSection and step count that built `optimizer`)
+        lets runs in one process share compiled steps (tests, resume)."""
         self.model_cfg, self.sc, self.optimizer = model_cfg, sc, optimizer
         self.mesh, self.rules = mesh, rules
         self.state_shardings = state_shardings(model_cfg, optimizer, mesh, rules)
         self._fn = make_step_fn(model_cfg, sc, optimizer)
-        self._compiled: dict[tuple, Any] = {}
+        if cache_key is None:
+            self._compiled: dict[tuple, Any] = {}
+        else:
+            self._compiled = _SHARED.setdefault((model_cfg, sc, mesh, rules, cache_key), {})
 
     def batch_shardings(self, batch: dict) -> dict:
         """Shardings for a batch dict (rows over the batch mesh axes)."""

@@ -1,0 +1,49 @@
+"""Export a training checkpoint (GRPO or SFT) to Hugging Face format, on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from jaxsql.checkpoint import Checkpointer, CheckpointError
+from rl import setup
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
+                      tokenizer: str | None = None, overwrite: bool = False) -> Path:
+    """Restore the parameters of `step` (default latest) from a run and write an HF checkpoint.
+
+    The model config and the tokenizer location come from the checkpoint's
+    metadata; `tokenizer` overrides the latter.
+    """
+    import optax
+
+    from models.hf_io import save_hf_checkpoint
+    from models.model import init_params
+    from rl.config import ModelSection, OptimSection
+    from rl.train_step import init_state, make_optimizer
+
+    run_dir = Path(run_dir)
+    ck_dir = run_dir if run_dir.name == "checkpoints" else run_dir / "checkpoints"
+    if not ck_dir.is_dir():
+        raise CheckpointError(f"{ck_dir} does not exist (expected a run directory with checkpoints/)")
+    ck = Checkpointer(ck_dir, async_save=False)
+    meta = ck.read_meta(step)
+    extra = meta.get("extra") or {}
+    if "model_config" not in extra:
+        raise CheckpointError(f"checkpoint {ck_dir}/{meta['step']} has no model_config in its metadata")
+    cfg = setup.model_config_from_dict(extra["model_config"])
+    run_cfg = meta.get("config") or {}
+    optim = OptimSection(**run_cfg.get("optim", {}))
+    optimizer: optax.GradientTransformation = make_optimizer(optim, int(run_cfg.get("steps", 1)) *
+                                                             int(run_cfg.get("algo", {}).get("num_iterations", 1)))
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    target = {"train": init_state(params, optimizer), "rng": jax.random.PRNGKey(0)}
+    state, _ = ck.restore(target, meta["step"])
+    tok = tokenizer
+    if tok is None:
+        model = run_cfg.get("model", {})
+        tok = setup.tokenizer_dir(ModelSection(**model)) if model else None
+    ck.close()
+    return save_hf_checkpoint(out_dir, cfg, state["train"]["params"], tokenizer_dir=tok, overwrite=overwrite)

@@ -1,0 +1,150 @@
+"""Rollouts: prompts -> G samples each -> training rows, and the device-side log-probs.
+
+The host encodes prompts (schema + question rendered by `data.prompts`,
+tokenised, left-truncated), `models.sampler.generate` samples G completions
+per prompt (one prefill per prompt), and `assemble` lays each sample out as
+one training row ``[left-padded prompt | completion | padding]`` with the
+masks the loss needs. All of it stays on the device; only the completion
+tokens travel to the host for detokenisation and SQL execution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data.records import Example
+from models.config import ModelConfig
+from models.sampler import SampleOutput, generate
+from rl.policy import logprobs_and_entropy
+
+
+class PromptEncoder:
+    """Example -> prompt token ids, caching schemas per database and ids per example."""
+
+    def __init__(self, tokenizer: Any, prompt_format: str = "plain", max_prompt_len: int = 512,
+                 schema_style: str = "compact", sample_values: int = 0):
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self.max_prompt_len = max_prompt_len
+        self.schema_style = schema_style
+        self.sample_values = sample_values
+        self._schemas: dict[str, str] = {}
+        self._ids: dict[str, list[int]] = {}
+
+    def schema(self, db_path: str) -> str:
+        """Serialised schema of a database (once per database)."""
+        from data.schema import serialize_schema
+
+        if db_path not in self._schemas:
+            self._schemas[db_path] = serialize_schema(db_path, style=self.schema_style,
+                                                      sample_values=self.sample_values)
+        return self._schemas[db_path]
+
+    def text(self, ex: Example) -> str:
+        """The prompt text of `ex`."""
+        from data.prompts import render_prompt
+
+        return render_prompt(ex, self.schema(ex.db_path), self.prompt_format, self.tokenizer)
+
+    def __call__(self, ex: Example) -> list[int]:
+        """Prompt ids; an over-long prompt keeps its last `max_prompt_len` tokens (the question)."""
+        key = f"{ex.id}\x00{ex.db_path}"
+        if key not in self._ids:
+            ids = self.tokenizer(self.text(ex), add_special_tokens=False)["input_ids"]
+            self._ids[key] = list(ids[-self.max_prompt_len:])
+        return self._ids[key]
+
+    def target_ids(self, ex: Example, max_len: int, eos_id: int) -> list[int]:
+        """SFT target ids (the gold completion in the prompt format) plus EOS."""
+        from data.prompts import render_target
+
+        ids = self.tokenizer(render_target(ex, self.prompt_format), add_special_tokens=False)["input_ids"]
+        return list(ids[: max_len - 1]) + [int(eos_id)]
+
+
+def decode_completions(tokenizer: Any, tokens_NC: np.ndarray, lengths_N: np.ndarray,
+                       stop_ids: Sequence[int]) -> list[str]:
+    """Completion texts: generated tokens up to the first stop token (excluded)."""
+    stop = {int(s) for s in stop_ids}
+    out = []
+    for row, n in zip(np.asarray(tokens_NC), np.asarray(lengths_N)):
+        ids = [int(t) for t in row[: int(n)]]
+        while ids and ids[-1] in stop:
+            ids.pop()
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+@jax.jit
+def assemble(sample: SampleOutput) -> dict[str, jax.Array]:
+    """Training rows from a `SampleOutput`: tokens, mask, completion_mask, sampler_logp [N, P+C]."""
+    n, c = sample.tokens.shape
+    gen_mask = (jnp.arange(c)[None, :] < sample.lengths[:, None]).astype(jnp.int32)
+    prompt_mask = sample.prompt_mask.astype(jnp.int32)
+    return {
+        "tokens": jnp.concatenate([sample.prompt_tokens.astype(jnp.int32), sample.tokens.astype(jnp.int32)], 1),
+        "mask": jnp.concatenate([prompt_mask, gen_mask], 1),
+        "completion_mask": jnp.concatenate([jnp.zeros_like(prompt_mask), gen_mask], 1),
+        "sampler_logp": jnp.concatenate(
+            [jnp.zeros(prompt_mask.shape, jnp.float32), sample.logprobs.astype(jnp.float32) * gen_mask], 1),
+    }
+
+
+@partial(jax.jit, static_argnames=("cfg", "temperature", "with_entropy"))
+def completion_logprobs(params, rows: dict[str, jax.Array], cfg: ModelConfig, temperature: float,
+                        with_entropy: bool = False):
+    """Per-token log-probs (and entropies) of the rows' tokens under `params`, 0 outside completions."""
+    lp, ent = logprobs_and_entropy(params, cfg, rows["tokens"], rows["mask"], temperature=temperature,
+                                   with_entropy=with_entropy)
+    cm = rows["completion_mask"].astype(jnp.float32)
+    return lp * cm, (None if ent is None else ent * cm)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout of N prompts x G samples (rows group-major)."""
+
+    examples: list[Example]  # length N*G, each prompt repeated G times
+    rows: dict[str, jax.Array]  # device arrays [N*G, P+C]
+    tokens_NC: jax.Array
+    lengths_N: jax.Array
+
+
+def sample_rollout(params, cfg: ModelConfig, encoder: PromptEncoder, examples: Sequence[Example], *,
+                   key: jax.Array, num_generations: int, max_new_tokens: int, temperature: float,
+                   top_p: float, top_k: int, ignore_stop: bool, stop_ids: Sequence[int],
+                   pad_id: int) -> Rollout:
+    """Sample G completions per example; returns device rows without waiting for them."""
+    prompts = [encoder(ex) for ex in examples]
+    out = generate(params, cfg, prompts, key=key, max_new_tokens=max_new_tokens,
+                   num_samples=num_generations, temperature=temperature, top_p=top_p, top_k=top_k,
+                   stop_ids=tuple(stop_ids), ignore_stop=ignore_stop, pad_id=pad_id)
+    repeated = [ex for ex in examples for _ in range(num_generations)]
+    return Rollout(repeated, assemble(out), out.tokens, out.lengths)
+
+
+def concat_rows(parts: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Concatenate row dicts whose sequence lengths may differ (right-pad the shorter ones)."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    width = max(p["tokens"].shape[1] for p in parts)
+    out: dict[str, list] = {}
+    for p in parts:
+        for k, v in p.items():
+            if v.ndim == 2 and v.shape[1] < width:
+                v = jnp.pad(v, ((0, 0), (0, width - v.shape[1])))
+            out.setdefault(k, []).append(v)
+    return {k: jnp.concatenate(v, 0) for k, v in out.items()}
+
+
+def select_rows(rows: dict[str, jax.Array], index: np.ndarray) -> dict[str, jax.Array]:
+    """Rows at `index` (host ints) of every array."""
+    idx = jnp.asarray(index, jnp.int32)
+    return {k: jnp.take(v, idx, axis=0) for k, v in rows.items()}
+

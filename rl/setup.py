@@ -1,0 +1,160 @@
+"""What GRPO and SFT runs share: mesh, policy weights, tokenizer, examples, data stream,
+and checkpoint save/restore of the whole run state.
+
+The run state saved by `save_run` is ``{"train": train_state, "rng": key}``
+(arrays, orbax) plus JSON metadata: the grain iterator position, the run
+config and the model config, so `--resume` continues exactly and
+`jaxsql export` can rebuild the model from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from data.records import Example
+from jaxsql.checkpoint import Checkpointer
+from jaxsql.errors import JaxsqlError
+from models.config import ModelConfig
+from rl.config import DataSection, MeshSection, ModelSection
+
+
+def build_mesh(mesh: MeshSection):
+    """The (data, fsdp, tensor) mesh; an explicit shape smaller than the device count uses
+    the first devices (e.g. ``mesh.data=1`` for one device)."""
+    import math
+
+    from jaxsql.sharding import make_mesh
+
+    devices = jax.devices()
+    shape = mesh.shape(len(devices))
+    return make_mesh(*shape, devices=devices[: math.prod(shape)])
+
+
+def load_policy(model: ModelSection, mesh, rules=None) -> tuple[ModelConfig, Any]:
+    """(config, params on their shardings) from an HF directory or a random preset."""
+    if model.path:
+        from models.hf_io import load_hf_checkpoint
+
+        if not Path(model.path).is_dir():
+            raise JaxsqlError(f"ModelSection.path: {model.path} is not a directory")
+        return load_hf_checkpoint(model.path, mesh=mesh, rules=rules, param_dtype=model.dtype)
+    from models.config import preset
+    from models.model import init_params
+
+    cfg = preset(model.preset, param_dtype=model.dtype, compute_dtype=model.dtype)
+    return cfg, init_params(cfg, jax.random.PRNGKey(model.init_seed), mesh, rules)
+
+
+def tokenizer_dir(model: ModelSection) -> str:
+    """Where the tokenizer lives (model.tokenizer, else model.path)."""
+    d = model.tokenizer or model.path
+    if not d:
+        raise JaxsqlError("ModelSection.tokenizer: a preset model needs model.tokenizer (a tokenizer directory)")
+    return d
+
+
+def load_tokenizer(model: ModelSection):
+    """The `transformers` tokenizer of the run (local files only)."""
+    from transformers import AutoTokenizer
+
+    d = tokenizer_dir(model)
+    try:
+        return AutoTokenizer.from_pretrained(d, local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError variants
+        raise JaxsqlError(f"ModelSection.tokenizer: cannot load a tokenizer from {d}: {e}") from None
+
+
+def special_ids(tokenizer, cfg: ModelConfig) -> tuple[tuple[int, ...], int]:
+    """(stop ids, pad id): the tokenizer's EOS plus the model's EOS ids; its pad id."""
+    stop = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        stop.add(int(tokenizer.eos_token_id))
+    if not stop:
+        raise JaxsqlError("neither the tokenizer nor config.json defines an end-of-sequence token")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    return tuple(sorted(stop)), int(pad)
+
+
+def load_examples(data: DataSection, run_dir: str | Path) -> list[Example]:
+    """Examples of `data` (the synthetic benchmark is generated on first use)."""
+    if data.source == "synthetic":
+        from data.synthetic import MANIFEST, generate_benchmark, load_benchmark
+
+        out = Path(data.path) if data.path else Path(run_dir) / "synthetic"
+        bench = load_benchmark(out) if (out / MANIFEST).exists() else generate_benchmark(out)
+        if data.split not in ("train", "dev"):
+            raise JaxsqlError(f"DataSection.split: synthetic has train and dev, got {data.split!r}")
+        examples = bench.train if data.split == "train" else bench.dev
+    else:
+        from data.readers import read_examples
+
+        if not data.path:
+            raise JaxsqlError(f"DataSection.path: source {data.source!r} needs a path")
+        examples = read_examples(data.source, data.path, split=data.split or None)
+    if not examples:
+        raise JaxsqlError(f"DataSection: {data.source} {data.path} split {data.split!r} has no examples")
+    return list(examples)
+
+
+def data_stream(examples: list[Example], data: DataSection, batch_size: int):
+    """An endless, seeded, checkpointable grain iterator of batches (lists of Example)."""
+    from data.pipeline import make_iterator
+
+    if len(examples) < batch_size:
+        raise JaxsqlError(f"DataSection.batch_size: {batch_size} is more than the {len(examples)} examples")
+    return make_iterator(examples, batch_size=batch_size, seed=data.shuffle_seed, num_epochs=None,
+                         drop_remainder=True)
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """JSON-ready model config (for checkpoint metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Inverse of `model_config_dict`."""
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple((str(k), float(v)) for k, v in d["rope_scaling"])
+    d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+    return ModelConfig(**d)
+
+
+def open_checkpointer(run_dir: str | Path, *, max_to_keep: int, async_save: bool, resume: bool) -> Checkpointer:
+    """The run's checkpointer; refuses to start over a run that has checkpoints unless resuming."""
+    ck = Checkpointer(Path(run_dir) / "checkpoints", max_to_keep=max_to_keep, async_save=async_save)
+    if not resume and ck.latest_step() is not None:
+        raise JaxsqlError(f"{run_dir} already holds checkpoints (latest step {ck.latest_step()}); "
+                          f"pass --resume to continue it or choose a new run_dir")
+    return ck
+
+
+def save_run(ck: Checkpointer, step: int, train_state, rng, iterator, config: Mapping[str, Any],
+             model_cfg: ModelConfig, kind: str) -> bool:
+    """Save the whole run state as checkpoint `step`."""
+    from data.pipeline import iterator_state
+
+    return ck.save(step, {"train": train_state, "rng": rng}, data_state=iterator_state(iterator),
+                   config=config, extra={"model_config": model_config_dict(model_cfg), "kind": kind})
+
+
+def restore_run(ck: Checkpointer, train_state, rng, iterator):
+    """Restore (train_state, rng, step) in place of the given fresh ones; moves `iterator`."""
+    from data.pipeline import restore_iterator
+
+    state, meta = ck.restore({"train": train_state, "rng": rng})
+    if meta.get("data_state") is not None:
+        restore_iterator(iterator, meta["data_state"])
+    return state["train"], state["rng"], int(meta["step"])
+
+
+def copy_tree(tree):
+    """Fresh buffers (so donating one copy never invalidates the other)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)

@@ -1,0 +1,147 @@
+"""The GRPO loop end to end on real components: resume after SIGKILL, SIGTERM mid-step,
+dynamic sampling, export, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rl.config import load_train_config
+from rl.trainer import GrpoTrainer
+
+from .conftest import grpo_overrides
+
+STEPS = 4
+# Runs are configured for many steps (constant learning rate) and stopped with
+# run(until=...), so a killed run is still running when we kill it and every run
+# in this process shares one compiled step.
+# advantage "none" keeps gradients non-zero for a random model whose SQL never runs
+# (reward -1 everywhere), so the parameters depend on every sampled token.
+COMMON = {"steps": 1000, "algo.advantage": "none", "algo.beta": 0.04, "algo.num_iterations": 2,
+          "checkpoint.async_save": True}
+
+
+def _cfg(env, run_dir, **extra):
+    return load_train_config(None, grpo_overrides(env, run_dir, **{**COMMON, **extra}))
+
+
+def _run(cfg, resume=False, patch=None, until=STEPS):
+    t = GrpoTrainer(cfg, resume=resume)
+    if patch:
+        patch(t)
+    try:
+        out = t.run(until=until)
+        return out, jax.device_get(t.state["params"])
+    finally:
+        t.close()
+
+
+def _order(run_dir: Path) -> dict:
+    order = {}
+    for line in (run_dir / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        order[row["step"]] = row["ids"]  # a step redone after a crash overwrites
+    return order
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_env, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    out, params = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}))
+    assert out["step"] == STEPS and not out["stopped"]
+    return params, _order(run), run
+
+
+def test_sigkill_after_checkpoint_then_resume_is_exact(tiny_env, tmp_path, uninterrupted):
+    run = tmp_path / "killed"
+    overrides = grpo_overrides(tiny_env, run, **{**COMMON, "checkpoint.every_steps": 1})
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxsql", "train", "--config", str(empty), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    ck = run / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (ck / "2").is_dir() and proc.poll() is None:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training exited before being killed: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint within the deadline")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    assert killed_at >= 2
+    target = killed_at + 2
+    out, params_r = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 1}), resume=True, until=target)
+    assert out["step"] == target and len(out["history"]) == 2
+    fresh = tmp_path / "fresh"
+    _, params_u = _run(_cfg(tiny_env, fresh, **{"checkpoint.every_steps": 0}), until=target)
+    _assert_same_params(params_u, params_r)
+    order_r, order_u = _order(run), _order(fresh)
+    assert [order_r[s] for s in range(target)] == [order_u[s] for s in range(target)]
+
+
+def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterrupted):
+    params_u, order_u, _ = uninterrupted
+    run = tmp_path / "term"
+
+    def patch(trainer):
+        score = trainer._score
+        calls = []
+
+        def score_and_preempt(*a):
+            calls.append(1)
+            if len(calls) == 2:  # in the middle of step 1 (after its rollout, before its update)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return score(*a)
+
+        trainer._score = score_and_preempt
+
+    out, _ = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}), patch=patch)
+    assert out["stopped"] and out["step"] == 2
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    out, params_r = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}), resume=True)
+    assert out["step"] == STEPS
+    _assert_same_params(params_u, params_r)
+    assert _order(run) == order_u
+
+
+def test_refuses_existing_run_without_resume(tiny_env, uninterrupted):
+    from jaxsql.errors import JaxsqlError
+
+    with pytest.raises(JaxsqlError, match="--resume"):
+        GrpoTrainer(_cfg(tiny_env, uninterrupted[2]))
+
+
+def test_metrics_and_export(tiny_env, uninterrupted, tmp_path):
+    from jaxsql.metrics import read_metrics
+    from rl.export import export_checkpoint
+
+    rows = read_metrics(uninterrupted[2])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward/mean", "reward/execution", "sql/ex", "sql/error_rate", "train/kl",
+                "train/clip_fraction", "train/entropy", "train/mismatch_abs", "completion/length_mean",
+                "time/rollout_s", "time/rewards_s", "time/update_s", "time/reward_hidden_s", "tokens_per_s"):
+        assert rows[-1][key] is not None, key
+    assert rows[-1]["sql/error_rate"] == 1.0 and rows[-1]["reward/mean"] == -1.0
+    out = export_checkpoint(uninterrupted[2], tmp_path / "hf")
+    from models.hf_io import load_hf_checkpoint
+
+    _, params = load_hf_checkpoint(out)
+    _assert_same_params(uninterrupted[0], params)
