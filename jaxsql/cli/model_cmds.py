@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
     p.add_argument("--test-tokenizer", action="store_true",
-                   help="write a byte-level test tokenizer (259 tokens: <pad>, <bos>, <eos>, bytes)")
+                   help="write a byte-level test tokenizer (<pad>, <bos>, <eos> and the 256 bytes)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_model_init)
 

@@ -1,0 +1,113 @@
+"""KV-cache decoding and sampling against the full forward pass and transformers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from models import hf_io
+from models.model import forward, init_cache, positions_from_mask, token_logprobs
+from models.sampler import bucket_length, categorical, generate
+
+
+@pytest.fixture(scope="module")
+def qwen3(hf_dirs):
+    return hf_io.load_hf_checkpoint(hf_dirs["qwen3"])
+
+
+@pytest.fixture(scope="module")
+def llama(hf_dirs):
+    return hf_io.load_hf_checkpoint(hf_dirs["llama3"])
+
+
+def test_cached_decoding_equals_teacher_forcing(llama):
+    cfg, params = llama
+    rng = np.random.RandomState(0)
+    tokens = jnp.asarray(rng.randint(3, cfg.vocab_size, (2, 14)))
+    mask = jnp.ones((2, 14), bool).at[0, :4].set(False)
+    pos = positions_from_mask(mask)
+    full, _ = forward(params, tokens, pos, cfg, mask_BT=mask)
+    cache = init_cache(cfg, 2, 16)
+    step = jax.jit(forward, static_argnums=3)
+    logits, cache = step(params, tokens[:, :8], pos[:, :8], cfg, mask_BT=mask[:, :8], cache=cache)
+    pieces = [logits]
+    for t in range(8, 14):
+        logits, cache = step(params, tokens[:, t:t + 1], pos[:, t:t + 1], cfg, mask_BT=mask[:, t:t + 1], cache=cache)
+        pieces.append(logits)
+    cached = jnp.concatenate(pieces, axis=1)
+    assert int(cache.index) == 14
+    diff = jnp.abs(cached - full)[mask]
+    assert float(diff.max()) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "llama3"])
+def test_greedy_matches_transformers_generate(hf_dirs, variant):
+    cfg, params = hf_io.load_hf_checkpoint(hf_dirs[variant])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[variant]).eval()
+    prompts = [[5, 17, 99, 3, 42, 8, 7], [11, 12]]
+    out = generate(params, cfg, prompts, key=jax.random.key(0), max_new_tokens=12, greedy=True, stop_ids=())
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        assert np.asarray(out.tokens[i]).tolist() == ref[0, len(p):].tolist()
+    assert np.asarray(out.lengths).tolist() == [12, 12]
+
+
+def test_logprobs_are_model_logprobs_at_temperature(qwen3):
+    cfg, params = qwen3
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    out = generate(params, cfg, prompts, key=jax.random.key(1), max_new_tokens=6, num_samples=3,
+                   temperature=0.7, top_p=0.9, top_k=50, ignore_stop=True)
+    assert out.tokens.shape == (6, 6) and out.prompt_tokens.shape == (6, bucket_length(4))
+    full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
+    mask = jnp.concatenate([out.prompt_mask, jnp.ones(out.tokens.shape, bool)], axis=1)
+    recomputed = token_logprobs(params, cfg, full, mask, temperature=0.7)[:, -6:]
+    assert float(jnp.abs(recomputed - out.logprobs).max()) < 1e-5
+    # G samples of one prompt share the prompt
+    assert np.array_equal(np.asarray(out.prompt_tokens[0]), np.asarray(out.prompt_tokens[2]))
+
+
+def test_num_samples_share_prefill_and_differ(qwen3):
+    cfg, params = qwen3
+    out = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(2), max_new_tokens=8, num_samples=4)
+    rows = {tuple(r) for r in np.asarray(out.tokens).tolist()}
+    assert len(rows) > 1
+    greedy = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(2), max_new_tokens=8, num_samples=3,
+                      greedy=True, stop_ids=())
+    g = np.asarray(greedy.tokens)
+    assert (g == g[0]).all()
+    top1 = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(3), max_new_tokens=8, top_k=1, stop_ids=())
+    assert np.array_equal(np.asarray(top1.tokens[0]), g[0])
+
+
+def test_stop_tokens_and_ignore_stop(qwen3):
+    cfg, params = qwen3
+    greedy = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(0), max_new_tokens=10, greedy=True, stop_ids=())
+    seq = np.asarray(greedy.tokens[0]).tolist()
+    stop_a, stop_b = seq[3], seq[6]
+    first = min(seq.index(stop_a), seq.index(stop_b))
+    out = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(0), max_new_tokens=10, greedy=True,
+                   stop_ids=(stop_a, stop_b), pad_id=0)
+    assert int(out.lengths[0]) == first + 1
+    got = np.asarray(out.tokens[0]).tolist()
+    assert got[: first + 1] == seq[: first + 1] and got[first + 1:] == [0] * (9 - first)
+    assert np.all(np.asarray(out.logprobs[0, first + 1:]) == 0)
+    ignored = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(0), max_new_tokens=10, greedy=True,
+                       stop_ids=(stop_a, stop_b), ignore_stop=True)
+    toks = np.asarray(ignored.tokens[0]).tolist()
+    assert int(ignored.lengths[0]) == 10 and stop_a not in toks and stop_b not in toks
+
+
+def test_inverse_cdf_categorical_distribution():
+    probs = np.array([0.1, 0.2, 0.3, 0.4] + [0.0] * 300)
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (40000, 304))
+    draws = np.asarray(categorical(jax.random.key(0), logits))
+    freq = np.bincount(draws, minlength=304) / len(draws)
+    assert np.abs(freq[:4] - probs[:4]).max() < 0.01 and freq[4:].sum() == 0
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 16, 17, 2048, 2049)] == [16, 16, 32, 2048, 4096]

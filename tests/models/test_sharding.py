@@ -1,0 +1,82 @@
+"""Mesh, logical sharding rules, and the sharded forward on 8 simulated CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsql.errors import JaxsqlError
+from jaxsql.sharding import MESH_AXES, ShardingRules, logical_to_sharding, make_mesh
+from models import hf_io
+from models.config import preset
+from models.model import forward, init_params, param_axes, positions_from_mask, token_logprobs
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+
+
+def test_make_mesh_checks_device_count():
+    mesh = make_mesh(2, 2, 2)
+    assert mesh.axis_names == MESH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(JaxsqlError, match="= 4 devices, but 8"):
+        make_mesh(2, 2, 1)
+
+
+def test_rules_map_logical_axes():
+    mesh = make_mesh(2, 2, 2)
+    s = logical_to_sharding(("batch", "seq", "embed"), mesh)
+    assert s.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)  # fsdp already used by batch
+    s = logical_to_sharding(("layers", "embed", "heads", "head_dim"), mesh)
+    assert s.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    s = logical_to_sharding(("kv_heads",), mesh, shape=(3,))
+    assert s.spec == jax.sharding.PartitionSpec(None)  # 3 heads do not split over 2 devices
+    with pytest.raises(JaxsqlError, match="unknown mesh axis"):
+        ShardingRules(embed="model")
+
+
+def test_param_axes_cover_every_leaf():
+    cfg = preset("tiny", architecture="Qwen3ForCausalLM", tie_word_embeddings=False)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    axes = param_axes(cfg)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=is_axes)
+    for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=is_axes)):
+        assert len(p.shape) == len(a)
+
+
+def test_sharded_forward_equals_single_device(hf_dirs):
+    mesh = make_mesh(2, 2, 2)
+    cfg, params = hf_io.load_hf_checkpoint(hf_dirs["qwen2"])
+    cfg_s, params_s = hf_io.load_hf_checkpoint(hf_dirs["qwen2"], mesh=mesh)
+    wq = params_s["layers"]["wq"]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(wq.addressable_shards) == 8 and wq.addressable_shards[0].data.shape == (2, 32, 2, 16)
+
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(3, cfg.vocab_size, (4, 10))
+    mask = np.ones((4, 10), bool)
+    mask[1, :3] = False
+    batch = logical_to_sharding(("batch", "seq"), mesh)
+    tok_s, mask_s = jax.device_put(tokens, batch), jax.device_put(mask, batch)
+
+    @jax.jit
+    def run(p, t, m):
+        logits, _ = forward(p, t, positions_from_mask(m), cfg, mask_BT=m)
+        return logits, token_logprobs(p, cfg, t, m, chunk=4)
+
+    ref_logits, ref_lp = run(params, jnp.asarray(tokens), jnp.asarray(mask))
+    logits, lp = run(params_s, tok_s, mask_s)
+    assert len(logits.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(ref_lp), atol=1e-5)
+
+
+def test_init_params_lands_on_sharding():
+    mesh = make_mesh(1, 4, 2)
+    cfg = preset("tiny", num_layers=2)
+    params = init_params(cfg, jax.random.key(0), mesh=mesh)
+    ref = init_params(cfg, jax.random.key(0))
+    emb = params["embed"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert emb.addressable_shards[0].data.shape == (2048, 64)
+    np.testing.assert_array_equal(np.asarray(emb), np.asarray(ref["embed"]))
