@@ -128,7 +128,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None, std: fl
 
 
 class KVCache(NamedTuple):
-    """Dense KV cache for all layers.
+    """Dense KV cache for all layers: `k` and `v` are [L, B, K, S, H] arrays (stacked
+    layers), or tuples of L arrays [B, K, S, H] to go with unstacked parameters
+    (`unstack_layers`).
 
     Slots [0, index) are written; ``mask_BS`` marks the written slots that
     hold real (non-pad) tokens. All rows share one write `index`, which is
@@ -137,18 +139,38 @@ class KVCache(NamedTuple):
     attention matmuls (no per-step transpose of the cache).
     """
 
-    k_LBKSH: jax.Array
-    v_LBKSH: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     mask_BS: jax.Array
     index: jax.Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-    """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, per_layer: bool = False) -> KVCache:
+    """An empty cache of `max_len` slots (dtype defaults to the compute dtype).
+
+    `per_layer` gives tuples of per-layer arrays, for unstacked parameters.
+    """
     dt = jnp.dtype(dtype or cfg.compute_dtype)
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt),
-                   jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    else:
+        k, v = jnp.zeros((cfg.num_layers, *shape), dt), jnp.zeros((cfg.num_layers, *shape), dt)
+    return KVCache(k, v, jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
+
+
+def unstack_layers(params: Params) -> Params:
+    """Parameters with ``layers`` as a tuple of per-layer dicts instead of stacked arrays.
+
+    `hidden_states` then runs the layers as an unrolled Python loop. Used by
+    the sampler on CPU, where slicing a layer out of a stacked weight inside
+    the decode loop copies it on every step; it costs one copy of the layer
+    weights (do it inside jit so the copy is transient).
+    """
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
 
 
 # --- building blocks ------------------------------------------------------------
@@ -263,7 +285,7 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
         w2 = w.astype(cdt).reshape(x_BTX.shape[-1], -1)
         return (x_BTX.reshape(B * T, -1) @ w2).reshape(B, T, *w.shape[1:])
 
-    def block(x_BTD, lp, k_cache, v_cache, layer):
+    def block(x_BTD, lp, update_kv):
         h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
         q = proj(h, lp["wq"])  # BTD,DNH->BTNH
         k = proj(h, lp["wk"])  # BTD,DKH->BTKH
@@ -275,38 +297,63 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # BTKH -> BKTH
-        if k_cache is None:
-            keys, values = k, v
-        else:
-            # Write this layer's new keys in place; the full cache rides in the scan carry
-            # so XLA updates it without copying.
-            at = (layer, 0, 0, cache.index, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-            keys, values = k_cache[layer].astype(cdt), v_cache[layer].astype(cdt)
-        a = attention(q, keys, values, allowed_BTS)
+        keys, values, kv_state = update_kv(k, v)
+        a = attention(q, keys.astype(cdt), values.astype(cdt), allowed_BTS)
         x_BTD = x_BTD + proj(a.reshape(B, T, N * H), lp["wo"].reshape(N * H, D))  # BTNH,NHD->BTD
         h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
         gate, up = proj(h, lp["w_gate"]), proj(h, lp["w_up"])  # BTD,DF->BTF
         x_BTD = x_BTD + proj(jax.nn.silu(gate) * up, lp["w_down"])  # BTF,FD->BTD
-        return x_BTD, k_cache, v_cache
+        return x_BTD, kv_state
 
-    if cache is None:
+    def no_cache(k, v):
+        return k, v, None
+
+    def write_slot(kc_BKSH, vc_BKSH, k, v):
+        at = (0, 0, cache.index, 0)
+        kc = jax.lax.dynamic_update_slice(kc_BKSH, k.astype(kc_BKSH.dtype), at)
+        return kc, jax.lax.dynamic_update_slice(vc_BKSH, v.astype(vc_BKSH.dtype), at)
+
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):  # unstacked (see unstack_layers): an unrolled loop
+        ks, vs = [], []
+        for i, lp in enumerate(layers):
+            if cache is None:
+                x_BTD, _ = block(x_BTD, lp, no_cache)
+                continue
+
+            def update(k, v, i=i):
+                kc, vc = write_slot(cache.k[i], cache.v[i], k, v)
+                return kc, vc, (kc, vc)
+
+            x_BTD, (kc, vc) = block(x_BTD, lp, update)
+            ks.append(kc)
+            vs.append(vc)
+        new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), key_mask_BS, cache.index + T)
+    elif cache is None:
         def body(x, lp):
-            return block(x, lp, None, None, None)[0], None
+            return block(x, lp, no_cache)[0], None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+        x_BTD, _ = jax.lax.scan(body, x_BTD, layers)
         new_cache = None
     else:
         def body(carry, lp):
-            x, kc, vc, layer = carry
-            x, kc, vc = block(x, lp, kc, vc, layer)
-            return (x, kc, vc, layer + 1), None
+            x, kc_all, vc_all, layer = carry
 
-        init = (x_BTD, cache.k_LBKSH, cache.v_LBKSH, jnp.zeros((), jnp.int32))
-        (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, init, params["layers"])
+            def update(k, v):
+                # Write the new slots in place: the whole cache rides in the scan carry, so XLA
+                # updates it without copying; then read this layer's keys back.
+                at = (layer, 0, 0, cache.index, 0)
+                kc = jax.lax.dynamic_update_slice(kc_all, k[None].astype(kc_all.dtype), at)
+                vc = jax.lax.dynamic_update_slice(vc_all, v[None].astype(vc_all.dtype), at)
+                return kc[layer], vc[layer], (kc, vc)
+
+            x, (kc_all, vc_all) = block(x, lp, update)
+            return (x, kc_all, vc_all, layer + 1), None
+
+        init = (x_BTD, cache.k, cache.v, jnp.zeros((), jnp.int32))
+        (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, init, layers)
         new_cache = KVCache(k_all, v_all, key_mask_BS, cache.index + T)
 
     return rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps), new_cache

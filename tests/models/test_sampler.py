@@ -111,3 +111,12 @@ def test_inverse_cdf_categorical_distribution():
 
 def test_bucket_length():
     assert [bucket_length(n) for n in (1, 16, 17, 2048, 2049)] == [16, 16, 32, 2048, 4096]
+
+
+def test_stacked_and_unstacked_decoding_agree(llama):
+    cfg, params = llama
+    kw = dict(key=jax.random.key(4), max_new_tokens=7, num_samples=2, temperature=0.9, ignore_stop=True)
+    a = generate(params, cfg, [[4, 5, 6], [7]], unstack=True, **kw)
+    b = generate(params, cfg, [[4, 5, 6], [7]], unstack=False, **kw)
+    assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
