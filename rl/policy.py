@@ -1,11 +1,15 @@
 """Per-token log-probabilities and entropies of completions under the policy.
 
-A training row is ``[left-padded prompt | completion | right padding]`` of
-length T. ``mask_BT`` marks real tokens (prompt and completion),
-``completion_BT`` the completion tokens that are scored. Entry t of the
-outputs scores token t (from the logits at t-1), matching
-`models.model.token_logprobs`; the [B, T, V] logits are computed chunk by
-chunk so memory stays at [B, chunk, V].
+A training row is ``[left-padded prompt | completion (C slots, right-padded)]``
+of length T: the completion always occupies the last C columns, so only
+those C positions need the vocabulary projection. ``mask_BT`` marks real
+tokens (prompt and completion). Outputs are ``[B, C]``: entry c scores token
+``T - C + c`` from the hidden state just before it.
+
+The [B, C, V] logits are materialised whole when they fit a budget
+(`WHOLE_LOGITS_LIMIT` values); otherwise the completion is processed in
+chunks with each chunk rematerialised in the backward pass, so memory stays
+at [B, chunk, V].
 """
 
 from __future__ import annotations
@@ -16,55 +20,58 @@ import jax.numpy as jnp
 from models.config import ModelConfig
 from models.model import hidden_states, output_logits, positions_from_mask
 
+# Below this many logits (B x C x V) the head runs in one piece without remat.
+WHOLE_LOGITS_LIMIT = 64 * 1024 * 1024
+
+
+def _head(params, cfg: ModelConfig, h_BcD, t_Bc, temperature: float, with_entropy: bool):
+    logits = output_logits(params, h_BcD, cfg) / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    lp = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0] - logz
+    if not with_entropy:
+        return lp, jnp.zeros_like(lp)
+    logits_ng = jax.lax.stop_gradient(logits)
+    p = jnp.exp(logits_ng - jax.lax.stop_gradient(logz)[..., None])
+    ent = jax.lax.stop_gradient(logz) - (p * logits_ng).sum(-1)
+    return lp, ent
+
 
 def logprobs_and_entropy(
     params,
     cfg: ModelConfig,
     tokens_BT: jax.Array,
     mask_BT: jax.Array,
+    completion_len: int,
     *,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    chunk: int = 128,
+    chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """``log pi(x_t | x_<t)`` [B, T] and, if asked, the entropy of the next-token
-    distribution that produced x_t, ``H_t = -sum_v p_v log p_v`` [B, T] (no gradient).
-
-    Logits are divided by `temperature` (the sampler's) before the softmax, so
-    ratios compare like with like. Entry 0 and entries after/at padding are 0.
-    """
+    """``log pi(x_t | x_<t)`` for the last `completion_len` positions [B, C] and, if
+    asked, the entropy ``H_t = -sum_v p_v log p_v`` of each of those next-token
+    distributions (no gradient). Logits are divided by `temperature` (the
+    sampler's) before the softmax, so ratios compare like with like."""
     B, T = tokens_BT.shape
+    C = completion_len
     mask = mask_BT.astype(jnp.bool_)
     h_BTD, _ = hidden_states(params, tokens_BT, positions_from_mask(mask), cfg, mask_BT=mask)
-    n = T - 1
-    c = max(1, min(chunk, n))
-    pad = (-n) % c
-    h_prev = jnp.pad(h_BTD[:, :-1], ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, pad)))
-    nc = (n + pad) // c
-    h_CBcD = h_prev.reshape(B, nc, c, -1).swapaxes(0, 1)
-    t_CBc = targets.reshape(B, nc, c).swapaxes(0, 1)
+    h_BCD = h_BTD[:, T - C - 1:T - 1]
+    t_BC = tokens_BT[:, T - C:]
+    if chunk is None:  # as many positions per chunk as fit the logits budget
+        chunk = max(1, WHOLE_LOGITS_LIMIT // (B * cfg.vocab_size))
+    if C <= chunk:
+        lp, ent = _head(params, cfg, h_BCD, t_BC, temperature, with_entropy)
+    else:
+        pad = (-C) % chunk
+        nc = (C + pad) // chunk
+        h = jnp.pad(h_BCD, ((0, 0), (0, pad), (0, 0))).reshape(B, nc, chunk, -1).swapaxes(0, 1)
+        t = jnp.pad(t_BC, ((0, 0), (0, pad))).reshape(B, nc, chunk).swapaxes(0, 1)
 
-    def one(_, xs):
-        h, t = xs
-        logits = output_logits(params, h, cfg) / temperature
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - logz
-        if with_entropy:
-            logits_ng = jax.lax.stop_gradient(logits)
-            p = jax.nn.softmax(logits_ng, axis=-1)
-            ent = jax.lax.stop_gradient(logz) - (p * logits_ng).sum(-1)
-        else:
-            ent = jnp.zeros_like(lp)
-        return None, (lp, ent)
+        def one(_, xs):
+            return None, _head(params, cfg, xs[0], xs[1], temperature, with_entropy)
 
-    # Remat each chunk so the backward pass does not keep [B, T, V] softmax residuals.
-    _, (lp_CBc, ent_CBc) = jax.lax.scan(jax.checkpoint(one), None, (h_CBcD, t_CBc))
-    valid = mask[:, 1:] & mask[:, :-1]
-
-    def finish(x_CBc):
-        x = x_CBc.swapaxes(0, 1).reshape(B, nc * c)[:, :n]
-        x = jnp.where(valid, x, 0.0)
-        return jnp.concatenate([jnp.zeros((B, 1), jnp.float32), x], axis=1)
-
-    return finish(lp_CBc), (finish(ent_CBc) if with_entropy else None)
+        # Remat each chunk so the backward pass keeps no [B, C, V] softmax residuals.
+        _, (lp, ent) = jax.lax.scan(jax.checkpoint(one), None, (h, t))
+        lp = lp.swapaxes(0, 1).reshape(B, -1)[:, :C]
+        ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :C]
+    return lp, (ent if with_entropy else None)

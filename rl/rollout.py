@@ -83,16 +83,15 @@ def decode_completions(tokenizer: Any, tokens_NC: np.ndarray, lengths_N: np.ndar
 
 @jax.jit
 def assemble(sample: SampleOutput) -> dict[str, jax.Array]:
-    """Training rows from a `SampleOutput`: tokens, mask, completion_mask, sampler_logp [N, P+C]."""
+    """Training rows from a `SampleOutput`: tokens, mask [N, P+C]; completion_mask, sampler_logp [N, C]."""
     n, c = sample.tokens.shape
     gen_mask = (jnp.arange(c)[None, :] < sample.lengths[:, None]).astype(jnp.int32)
     prompt_mask = sample.prompt_mask.astype(jnp.int32)
     return {
         "tokens": jnp.concatenate([sample.prompt_tokens.astype(jnp.int32), sample.tokens.astype(jnp.int32)], 1),
         "mask": jnp.concatenate([prompt_mask, gen_mask], 1),
-        "completion_mask": jnp.concatenate([jnp.zeros_like(prompt_mask), gen_mask], 1),
-        "sampler_logp": jnp.concatenate(
-            [jnp.zeros(prompt_mask.shape, jnp.float32), sample.logprobs.astype(jnp.float32) * gen_mask], 1),
+        "completion_mask": gen_mask,
+        "sampler_logp": sample.logprobs.astype(jnp.float32) * gen_mask,
     }
 
 
@@ -100,7 +99,8 @@ def assemble(sample: SampleOutput) -> dict[str, jax.Array]:
 def completion_logprobs(params, rows: dict[str, jax.Array], cfg: ModelConfig, temperature: float,
                         with_entropy: bool = False):
     """Per-token log-probs (and entropies) of the rows' tokens under `params`, 0 outside completions."""
-    lp, ent = logprobs_and_entropy(params, cfg, rows["tokens"], rows["mask"], temperature=temperature,
+    lp, ent = logprobs_and_entropy(params, cfg, rows["tokens"], rows["mask"],
+                                   rows["completion_mask"].shape[1], temperature=temperature,
                                    with_entropy=with_entropy)
     cm = rows["completion_mask"].astype(jnp.float32)
     return lp * cm, (None if ent is None else ent * cm)
@@ -130,15 +130,16 @@ def sample_rollout(params, cfg: ModelConfig, encoder: PromptEncoder, examples: S
 
 
 def concat_rows(parts: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Concatenate row dicts whose sequence lengths may differ (right-pad the shorter ones)."""
+    """Concatenate row dicts whose prompt buckets may differ: tokens and mask are padded
+    on the left (more prompt padding), so completions stay in the last C columns."""
     if len(parts) == 1:
         return dict(parts[0])
     width = max(p["tokens"].shape[1] for p in parts)
     out: dict[str, list] = {}
     for p in parts:
         for k, v in p.items():
-            if v.ndim == 2 and v.shape[1] < width:
-                v = jnp.pad(v, ((0, 0), (0, width - v.shape[1])))
+            if k in ("tokens", "mask") and v.shape[1] < width:
+                v = jnp.pad(v, ((0, 0), (width - v.shape[1], 0)))
             out.setdefault(k, []).append(v)
     return {k: jnp.concatenate(v, 0) for k, v in out.items()}
 

@@ -29,7 +29,8 @@ from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
 
 def sft_rows(examples: Sequence[Example], encoder: PromptEncoder, max_target_len: int, eos_id: int,
              pad_id: int) -> dict[str, np.ndarray]:
-    """Host arrays tokens / mask / completion_mask [B, P + max_target_len], P a bucket length."""
+    """Host arrays tokens / mask [B, P + L] and completion_mask [B, L] (L = max_target_len,
+    P a bucket length): the target sits in the last L columns."""
     prompts = [encoder(ex) for ex in examples]
     targets = [encoder.target_ids(ex, max_target_len, eos_id) for ex in examples]
     P = bucket_length(max(len(p) for p in prompts))
@@ -43,7 +44,7 @@ def sft_rows(examples: Sequence[Example], encoder: PromptEncoder, max_target_len
         tokens[i, P:P + len(t)] = t
         mask[i, P:P + len(t)] = 1
         cm[i, P:P + len(t)] = 1
-    return {"tokens": tokens, "mask": mask, "completion_mask": cm}
+    return {"tokens": tokens, "mask": mask, "completion_mask": cm[:, P:]}
 
 
 class SftTrainer:

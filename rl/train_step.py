@@ -3,12 +3,13 @@
 The train state is a dict pytree ``{"params", "opt_state", "step", "skipped"}``
 whose parameters and optimizer moments are sharded by the model's logical
 axes (`jaxsql.sharding`); it is donated to the step. A batch is a dict of
-``[N, T]`` / ``[N]`` arrays sharded over the batch axis:
+arrays sharded over the batch axis; rows are ``[left-padded prompt |
+completion]`` with the completion in the last C columns (see `rl.policy`):
 
-- ``tokens``, ``mask`` (real tokens), ``completion_mask`` (scored tokens);
-- GRPO: ``advantages`` [N]; optional ``old_logp`` (absent when mu = 1: the
-  current log-probs, detached, are the old ones), ``ref_logp`` (only when
-  beta != 0) and ``sampler_logp`` (for the mismatch metric / TIS).
+- ``tokens``, ``mask`` (real tokens) [N, T]; ``completion_mask`` [N, C] (scored tokens);
+- GRPO: ``advantages`` [N]; optional [N, C] ``old_logp`` (absent when mu = 1:
+  the current log-probs, detached, are the old ones), ``ref_logp`` (only
+  when beta != 0) and ``sampler_logp`` (for the mismatch metric / TIS).
 
 The step splits the batch into ``micro_batches`` (a `lax.scan`), sums each
 micro-batch's gradient of ``loss_sum`` and its denominator, and divides once:
@@ -44,14 +45,14 @@ class StepConfig:
       loss: the GRPO loss settings (ignored for SFT).
       micro_batches: gradient-accumulation micro-batches.
       temperature: the sampler's temperature (log-probs use logits / T).
-      logits_chunk: positions per chunk of the log-softmax.
+      logits_chunk: completion positions per chunk of the log-softmax (None: by budget).
     """
 
     kind: str = "grpo"
     loss: algo.PolicyLossConfig = algo.PolicyLossConfig()
     micro_batches: int = 1
     temperature: float = 1.0
-    logits_chunk: int = 128
+    logits_chunk: int | None = None
 
 
 def learning_rate_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
@@ -127,7 +128,7 @@ def _micro_loss(params, mb: dict, model_cfg: ModelConfig, sc: StepConfig):
     """(loss_sum, (denominator, metric sums)) of one micro-batch."""
     want_entropy = sc.kind == "grpo"
     logp, ent = logprobs_and_entropy(params, model_cfg, mb["tokens"], mb["mask"],
-                                     temperature=sc.temperature, with_entropy=want_entropy,
+                                     mb["completion_mask"].shape[1], temperature=sc.temperature, with_entropy=want_entropy,
                                      chunk=sc.logits_chunk)
     cm = mb["completion_mask"].astype(jnp.float32)
     if sc.kind == "sft":

@@ -24,14 +24,13 @@ def _batch(seed=0, beta=True):
     mask[0, :2] = 0  # left padding
     mask[3, -2:] = 0  # short completion
     tokens[mask == 0] = 0
-    cm = np.zeros_like(mask)
-    cm[:, P:] = mask[:, P:]
+    cm = mask[:, P:].copy()
     b = {"tokens": tokens, "mask": mask, "completion_mask": cm,
          "advantages": rng.normal(size=N).astype(np.float32),
-         "old_logp": (-4.0 + 0.1 * rng.normal(size=(N, P + C))).astype(np.float32) * cm,
-         "sampler_logp": (-4.0 + 0.1 * rng.normal(size=(N, P + C))).astype(np.float32) * cm}
+         "old_logp": (-4.0 + 0.1 * rng.normal(size=(N, C))).astype(np.float32) * cm,
+         "sampler_logp": (-4.0 + 0.1 * rng.normal(size=(N, C))).astype(np.float32) * cm}
     if beta:
-        b["ref_logp"] = (-4.1 + 0.1 * rng.normal(size=(N, P + C))).astype(np.float32) * cm
+        b["ref_logp"] = (-4.1 + 0.1 * rng.normal(size=(N, C))).astype(np.float32) * cm
     return b
 
 
@@ -115,3 +114,20 @@ def test_without_old_logp_ratio_is_one_and_sft_lowers_nll():
     _, m1 = _run(mesh, StepConfig(kind="sft"), sft, steps=1, lr=1e-2)
     _, m5 = _run(mesh, StepConfig(kind="sft"), sft, steps=8, lr=1e-2)
     assert m5["nll"] < m1["nll"] - 0.1
+
+
+def test_completion_logprobs_match_model_and_chunking():
+    from models.model import token_logprobs
+    from rl.policy import logprobs_and_entropy
+
+    params = init_params(CFG, jax.random.PRNGKey(1))
+    b = _batch()
+    want = np.asarray(token_logprobs(params, CFG, jnp.asarray(b["tokens"]), jnp.asarray(b["mask"]),
+                                     temperature=0.7))[:, P:] * b["completion_mask"]
+    whole, ent = logprobs_and_entropy(params, CFG, b["tokens"], b["mask"], C, temperature=0.7)
+    chunked, ent_c = logprobs_and_entropy(params, CFG, b["tokens"], b["mask"], C, temperature=0.7, chunk=3)
+    cm = b["completion_mask"]
+    np.testing.assert_allclose(np.asarray(whole) * cm, want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked) * cm, want, atol=1e-5)
+    np.testing.assert_allclose(ent_c, ent, atol=1e-5)
+    assert (np.asarray(ent) > 0).all() and (np.asarray(ent) <= np.log(64) + 1e-4).all()
