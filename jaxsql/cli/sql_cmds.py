@@ -47,7 +47,7 @@ def _exec(args: argparse.Namespace) -> int:
 
     _check_limits(args)
     result = execute(args.db, args.sql, timeout_s=args.timeout, max_rows=args.max_rows)
-    print(json.dumps(result.to_json(), ensure_ascii=False))
+    print(json.dumps(result.to_json(), ensure_ascii=False, allow_nan=False))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 #: Error kinds, in the order a reader should check them.
@@ -43,12 +44,15 @@ class ExecResult:
         return cls(ok=False, error=kind, message=message, elapsed_s=elapsed_s)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"ok": true, "columns", "rows", "elapsed_s"}`` or ``{"ok": false, "error", "message", "elapsed_s"}``."""
+        """``{"ok": true, "columns", "rows", "elapsed_s"}`` or ``{"ok": false, "error", "message", "elapsed_s"}``.
+
+        Strict JSON: infinite floats become the strings ``"Infinity"`` / ``"-Infinity"``.
+        """
         if self.ok:
             return {
                 "ok": True,
                 "columns": list(self.columns),
-                "rows": [list(r) for r in self.rows],
+                "rows": [[_json_value(v) for v in r] for r in self.rows],
                 "elapsed_s": round(self.elapsed_s, 6),
             }
         return {
@@ -57,3 +61,9 @@ class ExecResult:
             "message": self.message,
             "elapsed_s": round(self.elapsed_s, 6),
         }
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    return v

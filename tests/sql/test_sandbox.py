@@ -1,6 +1,7 @@
 """The sandbox on ordinary queries: values, types, error kinds."""
 
 import json
+import math
 
 import pytest
 
@@ -59,6 +60,12 @@ def test_row_cap_is_too_large_not_truncated(tiny_db):
 def test_byte_cap(tiny_db):
     r = execute(tiny_db, "SELECT printf('%.1000c', 'a') FROM big", max_bytes=100_000)
     assert r.error == "too_large"
+
+
+def test_to_json_is_strict_json(tiny_db):
+    r = execute(tiny_db, "SELECT 1e999, -1e999, 0.5")
+    assert r.rows == ((math.inf, -math.inf, 0.5),)
+    assert json.loads(json.dumps(r.to_json(), allow_nan=False))["rows"] == [["Infinity", "-Infinity", 0.5]]
 
 
 def test_to_json_shapes(tiny_db):
