@@ -230,6 +230,15 @@ def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, allowed_B
     """
     B, T, N, H = q_BTNH.shape
     K = k_BKSH.shape[1]
+    if T == 1:
+        # One query per row (decoding): broadcast-multiply-reduce streams the cache once; as
+        # batched matmuls of [G, H] x [H, S] it was ~1.6x slower on CPU.
+        q = q_BTNH.reshape(B, K, N // K, 1, H).astype(jnp.float32)
+        scores = jnp.sum(q * k_BKSH[:, :, None].astype(jnp.float32), axis=-1) * (H ** -0.5)  # BKGS
+        scores = jnp.where(allowed_BTS[:, :, None, :], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.sum(probs[..., None] * v_BKSH[:, :, None].astype(jnp.float32), axis=3)  # BKGH
+        return out.astype(v_BKSH.dtype).reshape(B, 1, N, H)
     q = q_BTNH.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH, preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
