@@ -6,7 +6,9 @@ axes (`jaxsql.sharding`); it is donated to the step. A batch is a dict of
 arrays sharded over the batch axis; rows are ``[left-padded prompt |
 completion]`` with the completion in the last C columns (see `rl.policy`):
 
-- ``tokens``, ``mask`` (real tokens) [N, T]; ``completion_mask`` [N, C] (scored tokens);
+- ``tokens``, ``mask`` (real tokens) [N, T]; ``completion_mask`` [N, C] (scored tokens;
+  a full-width [N, T] mask, with [N, T] log-prob arrays, is accepted too and
+  scores positions 1..T-1, at the cost of the vocabulary projection everywhere);
 - GRPO: ``advantages`` [N]; optional [N, C] ``old_logp`` (absent when mu = 1:
   the current log-probs, detached, are the old ones), ``ref_logp`` (only
   when beta != 0) and ``sampler_logp`` (for the mismatch metric / TIS).
@@ -124,11 +126,29 @@ def _split_micro(x, m: int):
     return x.reshape((n // m, m) + x.shape[1:]).swapaxes(0, 1)
 
 
+def _completion_view(mb: dict) -> tuple[dict, int]:
+    """The micro-batch with per-token arrays over the C scored columns, and C.
+
+    Rows may also carry full-width [N, T] per-token arrays (completion_mask
+    as wide as tokens): then every position but the first is scored, C = T - 1.
+    """
+    T = mb["tokens"].shape[1]
+    C = mb["completion_mask"].shape[1]
+    if C != T:
+        return mb, C
+    out = dict(mb)
+    for k in ("completion_mask", "old_logp", "ref_logp", "sampler_logp"):
+        if k in out:
+            out[k] = out[k][:, 1:]
+    return out, T - 1
+
+
 def _micro_loss(params, mb: dict, model_cfg: ModelConfig, sc: StepConfig):
     """(loss_sum, (denominator, metric sums)) of one micro-batch."""
+    mb, C = _completion_view(mb)
     want_entropy = sc.kind == "grpo"
-    logp, ent = logprobs_and_entropy(params, model_cfg, mb["tokens"], mb["mask"],
-                                     mb["completion_mask"].shape[1], temperature=sc.temperature, with_entropy=want_entropy,
+    logp, ent = logprobs_and_entropy(params, model_cfg, mb["tokens"], mb["mask"], C,
+                                     temperature=sc.temperature, with_entropy=want_entropy,
                                      chunk=sc.logits_chunk)
     cm = mb["completion_mask"].astype(jnp.float32)
     if sc.kind == "sft":

@@ -131,3 +131,17 @@ def test_completion_logprobs_match_model_and_chunking():
     np.testing.assert_allclose(np.asarray(chunked) * cm, want, atol=1e-5)
     np.testing.assert_allclose(ent_c, ent, atol=1e-5)
     assert (np.asarray(ent) > 0).all() and (np.asarray(ent) <= np.log(64) + 1e-4).all()
+
+
+def test_full_width_layout_equals_completion_layout():
+    """Rows given with [N, T] per-token arrays train exactly like the [N, C] layout."""
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    b = _batch()
+    wide = dict(b)
+    for k in ("completion_mask", "old_logp", "sampler_logp", "ref_logp"):
+        wide[k] = np.concatenate([np.zeros((N, P), b[k].dtype), b[k]], 1)
+    narrow_state, mn = _run(mesh, SC, b)
+    wide_state, mw = _run(mesh, SC, wide)
+    np.testing.assert_allclose(mn["loss"], mw["loss"], rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(narrow_state["params"]), jax.tree.leaves(wide_state["params"])):
+        np.testing.assert_allclose(a, c, atol=1e-6)
