@@ -73,6 +73,11 @@ class DataSection:
     max_target_len: int = 256
 
     def __post_init__(self) -> None:
+        from data.readers import READERS
+
+        sources = sorted(["synthetic", *READERS])
+        require(self.source in sources, "DataSection", "source",
+                f"unknown {self.source!r}; known: {sources}")
         require(self.batch_size >= 1, "DataSection", "batch_size", "must be >= 1")
         require(self.prompt_format in ("plain", "think", "cocte"), "DataSection", "prompt_format",
                 f"must be plain, think or cocte, got {self.prompt_format!r}")
