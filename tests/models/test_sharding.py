@@ -80,3 +80,15 @@ def test_init_params_lands_on_sharding():
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert emb.addressable_shards[0].data.shape == (2048, 64)
     np.testing.assert_array_equal(np.asarray(emb), np.asarray(ref["embed"]))
+
+
+def test_sampling_with_sharded_params_matches_one_device(hf_dirs):
+    from models.sampler import generate
+
+    cfg, params = hf_io.load_hf_checkpoint(hf_dirs["qwen2"])
+    _, params_s = hf_io.load_hf_checkpoint(hf_dirs["qwen2"], mesh=make_mesh(2, 2, 2))
+    kw = dict(key=jax.random.key(0), max_new_tokens=5, num_samples=2, temperature=0.8)
+    a = generate(params, cfg, [[5, 6, 7], [8, 9]], **kw)
+    b = generate(params_s, cfg, [[5, 6, 7], [8, 9]], **kw)
+    assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
