@@ -269,15 +269,13 @@ class Progress:
 
 @dataclasses.dataclass
 class _Context:
-    """What later phases need: the benchmark, tokenizer, model config, mesh, encoded prompts."""
+    """What later phases need: the benchmark, tokenizer, model config, encoded dev prompts."""
 
     cfg: DemoConfig
     bench: Any
     tok: Any
     mcfg: Any
-    mesh: Any
     schema: Callable[[str], str]
-    prompt_ids: dict[str, list[int]]
 
 
 def model_config(cfg: DemoConfig, tok: Any):
@@ -293,22 +291,14 @@ def model_config(cfg: DemoConfig, tok: Any):
 
 
 def _context(d: DemoDir) -> _Context:
-    import jax
     from transformers import AutoTokenizer
 
     from data.synthetic import load_benchmark
-    from jaxsql.sharding import make_mesh
-    from rl.evaluate import encode_prompts, schema_cache
+    from rl.evaluate import schema_cache
 
-    cfg = d.config
     bench = load_benchmark(d.path("data"))
     tok = AutoTokenizer.from_pretrained(str(d.path("tokenizer")))
-    schema = schema_cache()
-    examples = list(bench.train) + list(bench.dev)
-    ids = encode_prompts(examples, tok, schema, PROMPT_FORMAT, cfg.prompt_len)
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    return _Context(cfg, bench, tok, model_config(cfg, tok), mesh, schema,
-                    {e.id: p for e, p in zip(examples, ids)})
+    return _Context(d.config, bench, tok, model_config(d.config, tok), schema_cache())
 
 
 def weak_supervision(examples: Sequence[Any]) -> list[Any]:
@@ -320,100 +310,85 @@ def weak_supervision(examples: Sequence[Any]) -> list[Any]:
     return out
 
 
-def sft_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], prompt_len: int,
-              completion_len: int) -> dict[str, np.ndarray]:
-    """``[left-padded prompt | target + right padding]`` rows with a completion-only loss mask."""
-    n, T = len(prompts), prompt_len + completion_len
-    tokens = np.zeros((n, T), np.int32)
-    mask = np.zeros((n, T), np.int32)
-    cm = np.zeros((n, T), np.int32)
-    for r, (p, t) in enumerate(zip(prompts, targets)):
-        p, t = list(p)[-prompt_len:], list(t)[:completion_len]
-        tokens[r, prompt_len - len(p):prompt_len] = p
-        mask[r, prompt_len - len(p):prompt_len] = 1
-        tokens[r, prompt_len:prompt_len + len(t)] = t
-        mask[r, prompt_len:prompt_len + len(t)] = 1
-        cm[r, prompt_len:prompt_len + len(t)] = 1
-    return {"tokens": tokens, "mask": mask, "completion_mask": cm}
+def _write_jsonl(path: Path, examples: Sequence[Any]) -> None:
+    # Database paths relative to the file's folder (the JSONL reader resolves them there).
+    rows = []
+    for e in examples:
+        row = e.to_dict()
+        row["db_path"] = Path(e.db_path).name
+        if row.get("gold_sql") is None:
+            row.pop("gold_sql", None)
+        rows.append(json.dumps(row, sort_keys=True))
+    path.write_text("\n".join(rows) + "\n")
 
 
-def rollout_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,
-                  lengths: np.ndarray, advantages: np.ndarray) -> dict[str, np.ndarray]:
-    """GRPO rows from sampler output: prompt | completion (stop token included) | padding."""
-    M = tokens.shape[1]
-    cmask = (np.arange(M)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
-    return {"tokens": np.concatenate([prompt_tokens, tokens], 1).astype(np.int32),
-            "mask": np.concatenate([prompt_mask, cmask], 1).astype(np.int32),
-            "completion_mask": np.concatenate([np.zeros_like(prompt_mask), cmask], 1).astype(np.int32),
-            "advantages": np.asarray(advantages, np.float32)}
+def sft_run_config(d: DemoDir):
+    """`rl.config.SftConfig` of the cold start (run directory ``DIR/checkpoints/sft``)."""
+    from rl.config import CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, SftConfig
+
+    c = d.config
+    return SftConfig(
+        run_dir=str(d.path("checkpoints", "sft")),
+        model=ModelSection(path=str(d.path("checkpoints", "init")), tokenizer=str(d.path("tokenizer"))),
+        data=DataSection(source="jsonl", path=str(d.path("data", "sft.jsonl")), split="train",
+                         prompt_format=PROMPT_FORMAT, batch_size=c.sft_batch, shuffle_seed=c.seed,
+                         max_prompt_len=c.prompt_len, max_target_len=c.max_new_tokens),
+        optim=OptimSection(learning_rate=c.sft_lr, warmup_steps=c.sft_warmup, schedule="cosine",
+                           final_lr_ratio=0.1, max_grad_norm=1.0),
+        checkpoint=CheckpointSection(every_steps=c.ckpt_every, max_to_keep=2, async_save=False, export_hf=True),
+        mesh=MeshSection(data=1), steps=c.sft_steps, seed=c.seed, tensorboard=False, progress=False)
 
 
-def _sft_step(ctx: _Context):
-    from rl.config import OptimSection
-    from rl.train_step import StepConfig, TrainStep, make_optimizer
+def rl_run_config(d: DemoDir):
+    """`rl.config.TrainConfig` of GRPO (run directory ``DIR/checkpoints/rl``), answers-only data."""
+    from rl.config import (AlgoSection, CheckpointSection, DataSection, MeshSection, ModelSection,
+                           OptimSection, SamplingSection, TrainConfig)
 
-    cfg = ctx.cfg
-    optim = OptimSection(learning_rate=cfg.sft_lr, warmup_steps=cfg.sft_warmup, schedule="cosine",
-                         final_lr_ratio=0.1, max_grad_norm=1.0)
-    return TrainStep(ctx.mcfg, StepConfig(kind="sft"), make_optimizer(optim, cfg.sft_steps), ctx.mesh)
-
-
-def _rl_step(ctx: _Context):
-    from rl import algo
-    from rl.config import OptimSection
-    from rl.train_step import StepConfig, TrainStep, make_optimizer
-
-    cfg = ctx.cfg
-    loss = algo.PolicyLossConfig(loss_agg="token_mean", eps_low=0.2, eps_high=cfg.rl_eps_high, beta=0.0,
-                                 max_len=cfg.max_new_tokens)
-    sc = StepConfig(kind="grpo", loss=loss, temperature=cfg.rl_temperature)
-    optim = OptimSection(learning_rate=cfg.rl_lr, max_grad_norm=1.0)
-    return TrainStep(ctx.mcfg, sc, make_optimizer(optim, cfg.rl_steps), ctx.mesh)
-
-
-def _fresh_state(ctx: _Context, ts, params=None):
-    import jax
-
-    from models.model import init_params
-    from rl.train_step import init_state
-
-    if params is None:
-        params = init_params(ctx.mcfg, jax.random.PRNGKey(ctx.cfg.seed))
-    return {"train": init_state(params, ts.optimizer, ts.state_shardings),
-            "key": jax.random.PRNGKey(ctx.cfg.seed + 1)}
+    c = d.config
+    return TrainConfig(
+        run_dir=str(d.path("checkpoints", "rl")),
+        model=ModelSection(path=str(d.path("checkpoints", "sft", "hf")), tokenizer=str(d.path("tokenizer"))),
+        data=DataSection(source="jsonl", path=str(d.path("data", "rl_answers.jsonl")), split="train",
+                         prompt_format=PROMPT_FORMAT, batch_size=c.rl_prompts, shuffle_seed=c.seed + 1,
+                         max_prompt_len=c.prompt_len, max_target_len=c.max_new_tokens),
+        sampling=SamplingSection(num_generations=c.rl_generations, max_new_tokens=c.max_new_tokens,
+                                 temperature=c.rl_temperature),
+        algo=AlgoSection(advantage="grpo", loss_agg="token_mean", eps_low=0.2, eps_high=c.rl_eps_high, beta=0.0),
+        optim=OptimSection(learning_rate=c.rl_lr, max_grad_norm=1.0),
+        checkpoint=CheckpointSection(every_steps=c.ckpt_every, max_to_keep=2, async_save=False, export_hf=False),
+        mesh=MeshSection(data=1),
+        reward={"weights": {"execution": 1.0}, "params": {"execution": {
+            "correct": c.reward_correct, "wrong": c.reward_wrong, "failed": c.reward_failed}}},
+        steps=c.rl_steps, seed=c.seed, tensorboard=False, progress=False)
 
 
-def _checkpointer(d: DemoDir, phase: str):
+def _has_checkpoint(run_dir: Path) -> bool:
     from jaxsql.checkpoint import Checkpointer
 
-    return Checkpointer(d.path("checkpoints", phase), max_to_keep=2, async_save=False)
-
-
-def _final_params(d: DemoDir, ctx: _Context, phase: str):
-    """Parameters of the last checkpoint of `phase` ("sft" or "rl")."""
-    ts = _sft_step(ctx) if phase == "sft" else _rl_step(ctx)
-    ck = _checkpointer(d, phase)
+    if not (run_dir / "checkpoints").is_dir():
+        return False
+    ck = Checkpointer(run_dir / "checkpoints", max_to_keep=2, async_save=False)
     try:
-        state, _ = ck.restore(_fresh_state(ctx, ts))
+        return ck.latest_step() is not None
     finally:
         ck.close()
-    return state["train"]["params"]
 
 
-def _iterator(examples: Sequence[Any], batch_size: int, seed: int):
-    from data.pipeline import make_iterator
-
-    return make_iterator([e.to_dict() for e in examples], batch_size=batch_size, seed=seed, num_epochs=None,
-                         shard_index=0, shard_count=1, drop_remainder=True)
+def _scalars(m: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
+    return {k.split("/", 1)[-1] if k.startswith("train/") else k: float(m[k]) for k in keys if k in m}
 
 
 # --- phases -----------------------------------------------------------------------------------
 
 
 def _phase_data(d: DemoDir, say: Callable[[str], None]) -> dict[str, Any]:
+    import jax
+
     from data.prompts import render_prompt, render_target
     from data.synthetic import generate_benchmark
     from data.tokenizer import CHAT_TEMPLATE, train_tokenizer
+    from models.hf_io import save_hf_checkpoint
+    from models.model import init_params
     from rl.evaluate import schema_cache
 
     cfg = d.config
@@ -425,57 +400,61 @@ def _phase_data(d: DemoDir, say: Callable[[str], None]) -> dict[str, Any]:
     texts += [render_prompt(e, schema(e.db_path), PROMPT_FORMAT) for e in bench.dev]
     texts += [CHAT_TEMPLATE, "system\nuser\nassistant\n"] * 4
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size, out_dir=d.path("tokenizer"))
-    say(f"benchmark: {len(bench.train)} train / {len(bench.dev)} dev examples; tokenizer: {len(tok)} tokens")
-    return {"n_train": len(bench.train), "n_dev": len(bench.dev), "vocab": len(tok)}
+    # SFT sees gold SQL of its examples; RL sees every train question with its answers only.
+    _write_jsonl(d.path("data", "sft.jsonl"), bench.train[: cfg.sft_examples])
+    _write_jsonl(d.path("data", "rl_answers.jsonl"), weak_supervision(bench.train))
+    mcfg = model_config(cfg, tok)
+    params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
+    save_hf_checkpoint(d.path("checkpoints", "init"), mcfg, params, tokenizer_dir=d.path("tokenizer"),
+                       overwrite=True)
+    say(f"benchmark: {len(bench.train)} train / {len(bench.dev)} dev examples; tokenizer: {len(tok)} tokens; "
+        f"model: {mcfg.num_params() / 1e6:.2f}M parameters (random init)")
+    return {"n_train": len(bench.train), "n_dev": len(bench.dev), "vocab": len(tok),
+            "params": mcfg.num_params()}
 
 
-def _phase_sft(d: DemoDir, ctx: _Context, clock: Clock, deadline: float, say) -> dict[str, Any]:
+def _phase_sft(d: DemoDir, clock: Clock, deadline: float, say) -> dict[str, Any]:
+    """Drive `rl.sft.SftTrainer` step by step (progress, budget; its `run()` has no per-step hook)."""
     import jax
 
-    from data.pipeline import iterator_state, restore_iterator
-    from data.prompts import render_target
+    from rl.sft import SftTrainer, sft_rows
 
-    cfg = ctx.cfg
-    examples = list(ctx.bench.train[: cfg.sft_examples])
-    eos = ctx.tok.eos_token_id
-    targets = {e.id: ctx.tok(render_target(e, PROMPT_FORMAT), add_special_tokens=False)["input_ids"] + [eos]
-               for e in examples}
-    ts = _sft_step(ctx)
-    state = _fresh_state(ctx, ts)
-    it = _iterator(examples, cfg.sft_batch, cfg.seed)
-    ck = _checkpointer(d, "sft")
-    start = 0
-    if ck.latest_step() is not None:
-        state, meta = ck.restore(state)
-        it = restore_iterator(it, meta["data_state"])
-        start = int(meta["step"])
-        say(f"sft: resuming from checkpoint step {start}")
-    bar = Progress("sft", cfg.sft_steps, clock, initial=start, enabled=d.progress)
-    step, stopped = start, False
+    config = sft_run_config(d)
+    run_dir = Path(config.run_dir)
+    resume = _has_checkpoint(run_dir)
+    trainer = SftTrainer(config, resume=resume)
+    step, stopped = trainer.start_step, False
+    if resume:
+        say(f"sft: resuming from checkpoint step {step}")
+    bar = Progress("sft", config.steps, clock, initial=step, enabled=d.progress)
     t0 = time.time()
     try:
-        while step < cfg.sft_steps:
+        while step < config.steps:
             if time.time() > deadline:
                 stopped = True
                 break
-            batch = next(it)
-            host = sft_batch([ctx.prompt_ids[e.id] for e in batch], [targets[e.id] for e in batch],
-                             cfg.prompt_len, cfg.max_new_tokens)
-            train, m = ts(state["train"], ts.place_batch(host))
-            state = {"train": train, "key": state["key"]}
+            rows = sft_rows(next(trainer.iterator), trainer.encoder, config.data.max_target_len,
+                            trainer.eos_id, trainer.pad_id)
+            trainer.state, out = trainer.train_step(trainer.state, trainer.train_step.place_batch(rows))
             step += 1
-            m = jax.device_get(m)
-            d.log_metrics("sft", step, {"loss": m["loss"], "grad_norm": m["grad_norm"],
-                                        "tokens": m["tokens"]})
-            bar.update(loss=float(m["loss"]))
-            if step % cfg.ckpt_every == 0 or step == cfg.sft_steps:
-                ck.save(step, state, data_state=iterator_state(it), config=cfg.identity())
-        if ck.latest_step() != step:
-            ck.save(step, state, data_state=iterator_state(it), config=cfg.identity())
+            m = {k: float(v) for k, v in jax.device_get(out).items()}
+            d.log_metrics("sft", step, _scalars(m, ("loss", "grad_norm", "tokens")))
+            bar.update(loss=m["loss"])
+            if step % config.checkpoint.every_steps == 0:
+                trainer.save(step)
+        trainer.save(step)
+        trainer.checkpointer.wait()
+        trainer.export(run_dir / "hf")
     finally:
         bar.close()
-        ck.close()
+        trainer.close()
     return {"steps": step, "stopped_early": stopped, "train_seconds": round(time.time() - t0, 1)}
+
+
+def _load_params(path: Path):
+    from models.hf_io import load_hf_checkpoint
+
+    return load_hf_checkpoint(path)[1]
 
 
 def _evaluate(ctx: _Context, params, pool) -> Any:
@@ -483,13 +462,12 @@ def _evaluate(ctx: _Context, params, pool) -> Any:
 
     return evaluate(params, ctx.mcfg, ctx.tok, ctx.bench.dev, pool, prompt_format=PROMPT_FORMAT,
                     schema=ctx.schema, max_new_tokens=ctx.cfg.max_new_tokens, batch_size=ctx.cfg.eval_batch,
-                    max_prompt_len=ctx.cfg.prompt_len, buckets=(ctx.cfg.prompt_len,))
+                    max_prompt_len=ctx.cfg.prompt_len)
 
 
 def _phase_eval(d: DemoDir, ctx: _Context, phase: str, pool, say) -> dict[str, Any]:
     source = "sft" if phase == "eval_sft" else "rl"
-    params = _final_params(d, ctx, source)
-    res = _evaluate(ctx, params, pool)
+    res = _evaluate(ctx, _load_params(d.path("checkpoints", source, "hf")), pool)
     step = 0 if phase == "eval_sft" else d.info("rl").get("steps", 0)
     d.log_metrics("eval", step, res.summary)
     d.path(f"{phase}.json").write_text(json.dumps({"summary": res.summary, "rows": list(res.rows)},
@@ -500,92 +478,63 @@ def _phase_eval(d: DemoDir, ctx: _Context, phase: str, pool, say) -> dict[str, A
     return {"summary": s}
 
 
+_RL_KEYS = ("reward/mean", "reward/std", "sql/ex", "sql/error_rate", "train/loss", "train/entropy",
+            "train/clip_fraction", "train/grad_norm", "completion/length_mean", "time/rollout_s",
+            "time/rewards_s", "time/update_s", "time/step_s")
+
+
 def _phase_rl(d: DemoDir, ctx: _Context, clock: Clock, deadline: float, pool, say) -> dict[str, Any]:
-    import jax
-    import jax.numpy as jnp
+    """Drive `rl.trainer.GrpoTrainer.step` (progress, budget, periodic dev evaluation)."""
+    from rl.trainer import GrpoTrainer
 
-    from data.pipeline import iterator_state, restore_iterator
-    from jaxsql.rewards import RewardConfig, score_batch
-    from models.sampler import generate
-    from rl import algo
-    from rl.evaluate import decode_completions
-
-    cfg = ctx.cfg
-    G = cfg.rl_generations
-    reward_cfg = RewardConfig(weights={"execution": 1.0}, params={"execution": {
-        "correct": cfg.reward_correct, "wrong": cfg.reward_wrong, "failed": cfg.reward_failed}})
-    ts = _rl_step(ctx)
-    ck = _checkpointer(d, "rl")
-    it = _iterator(ctx.bench.train, cfg.rl_prompts, cfg.seed + 1)
-    start = 0
-    if ck.latest_step() is not None:
-        state, meta = ck.restore(_fresh_state(ctx, ts))
-        it = restore_iterator(it, meta["data_state"])
-        start = int(meta["step"])
-        say(f"rl: resuming from checkpoint step {start}")
-    else:
-        state = _fresh_state(ctx, ts, params=_final_params(d, ctx, "sft"))
-    stop_ids = tuple(ctx.mcfg.eos_token_ids)
-    bar = Progress("rl", cfg.rl_steps, clock, initial=start, enabled=d.progress)
-    step, stopped = start, False
+    config = rl_run_config(d)
+    run_dir = Path(config.run_dir)
+    resume = _has_checkpoint(run_dir)
+    trainer = GrpoTrainer(config, resume=resume, pool=pool)
+    step, stopped = trainer.start_step, False
+    if resume:
+        say(f"rl: resuming from checkpoint step {step}")
+    bar = Progress("rl", config.steps, clock, initial=step, enabled=d.progress)
+    every = d.config.eval_every
     t0 = time.time()
     try:
-        while step < cfg.rl_steps:
+        while step < config.steps:
             if time.time() > deadline:
                 stopped = True
                 break
-            t_step = time.time()
-            batch = next(it)
-            weak = weak_supervision(batch)
-            key, sample_key = jax.random.split(state["key"])
-            out = generate(state["train"]["params"], ctx.mcfg, [ctx.prompt_ids[e.id] for e in batch],
-                           key=sample_key, max_new_tokens=cfg.max_new_tokens, num_samples=G,
-                           temperature=cfg.rl_temperature, stop_ids=stop_ids, buckets=(cfg.prompt_len,))
-            toks, lens, ptoks, pmask = jax.device_get((out.tokens, out.lengths, out.prompt_tokens,
-                                                       out.prompt_mask))
-            t_roll = time.time()
-            completions = decode_completions(ctx.tok, toks, lens, stop_ids)
-            scored = score_batch(pool, completions, [e for e in weak for _ in range(G)], reward_cfg)
-            t_rew = time.time()
-            adv = np.asarray(algo.compute_advantages("grpo", jnp.asarray(scored.rewards), G))
-            host = rollout_batch(ptoks, pmask, toks, lens, adv)
-            train, m = ts(state["train"], ts.place_batch(host))
-            state = {"train": train, "key": key}
-            m = jax.device_get(m)
+            m = trainer.step(step)
             step += 1
-            s = scored.summary
-            informative = float(np.mean(algo.informative_groups(scored.rewards, G)))
-            d.log_metrics("rl", step, {
-                "reward": s["reward_mean"], "train_ex": s["ex"], "train_error_rate": s["error_rate"],
-                "informative_groups": informative, "loss": m["loss"], "entropy": m.get("entropy", np.nan),
-                "clip_fraction": m.get("clip_fraction", np.nan), "grad_norm": m["grad_norm"],
-                "completion_len": float(np.mean(lens)), "time/rollout": t_roll - t_step,
-                "time/reward": t_rew - t_roll, "time/update": time.time() - t_rew})
-            bar.update(reward=s["reward_mean"], ex=s["ex"])
-            if step % cfg.ckpt_every == 0 or step == cfg.rl_steps:
-                ck.save(step, state, data_state=iterator_state(it), config=cfg.identity())
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.rl_steps:
-                ev = _evaluate(ctx, state["train"]["params"], pool)
+            d.log_metrics("rl", step, _scalars(m, _RL_KEYS))
+            bar.update(reward=m["reward/mean"], ex=m.get("sql/ex", 0.0))
+            if step % config.checkpoint.every_steps == 0:
+                trainer.save(step)
+            if every and step % every == 0 and step < config.steps:
+                ev = _evaluate(ctx, trainer.state["params"], pool)
                 d.log_metrics("eval", step, ev.summary)
                 bar.bar.write(f"[rl] step {step}: dev EX(set) {100 * ev.summary['ex_set']:.1f}%")
-        if ck.latest_step() != step:
-            ck.save(step, state, data_state=iterator_state(it), config=cfg.identity())
+        trainer.save(step)
+        trainer.checkpointer.wait()
+        trainer.export(run_dir / "hf")
     finally:
         bar.close()
-        ck.close()
+        executor = getattr(trainer, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+        trainer.close()
     return {"steps": step, "stopped_early": stopped, "train_seconds": round(time.time() - t0, 1)}
 
 
 def _phase_export(d: DemoDir, ctx: _Context, say) -> dict[str, Any]:
+    import shutil
+
     import jax
     import jax.numpy as jnp
 
-    from models.hf_io import save_hf_checkpoint
     from models.model import forward, positions_from_mask
+    from rl.evaluate import encode_prompts
 
-    params = _final_params(d, ctx, "rl")
     out = d.path("hf_export")
-    save_hf_checkpoint(out, ctx.mcfg, params, tokenizer_dir=d.path("tokenizer"), overwrite=True)
+    shutil.copytree(d.path("checkpoints", "rl", "hf"), out, dirs_exist_ok=True)
     try:
         import torch
         import transformers
@@ -595,20 +544,19 @@ def _phase_export(d: DemoDir, ctx: _Context, say) -> dict[str, Any]:
         return {"hf_check": msg}
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    ids = ctx.prompt_ids[ctx.bench.dev[0].id]
+    ids = encode_prompts(ctx.bench.dev[:1], tok, ctx.schema, PROMPT_FORMAT, ctx.cfg.prompt_len)[0]
     with torch.no_grad():
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
+    params = _load_params(out)
     tokens = jnp.asarray([ids], jnp.int32)
     ours, _ = forward(params, tokens, positions_from_mask(jnp.ones_like(tokens)), ctx.mcfg)
     diff = float(np.max(np.abs(np.asarray(jax.device_get(ours))[0] - hf_logits)))
-    ok = diff < 1e-3 and len(tok) == len(ctx.tok)
     msg = (f"transformers {transformers.__version__} loads hf_export (AutoModelForCausalLM + AutoTokenizer); "
            f"max |logit difference| vs jaxsql = {diff:.2e}")
     say(f"export: {out}; {msg}")
-    if not ok:
+    if not (diff < 1e-3 and len(tok) == len(ctx.tok)):
         raise JaxsqlError(f"{out}: the HF export does not reproduce the model in transformers "
                           f"(max |logit difference| {diff:.2e}, tokenizer size {len(tok)} vs {len(ctx.tok)})")
-    del model
     return {"hf_check": msg, "max_logit_diff": diff}
 
 
@@ -630,7 +578,7 @@ def write_plot(d: DemoDir) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     if rl:
         x = [r["step"] for r in rl]
-        y = [r.get("reward") or 0.0 for r in rl]
+        y = [r.get("reward/mean") or 0.0 for r in rl]
         k = max(1, len(y) // 8)
         smooth = np.convolve(y, np.ones(k) / k, mode="valid")
         ax1.plot(x, y, color="0.75", lw=1, label="batch mean")
@@ -735,7 +683,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, say: Call
             if phase == "data":
                 info = _phase_data(d, say)
             elif phase == "sft":
-                info = _phase_sft(d, ctx, clock, clock.start + 0.4 * budget, say)
+                info = _phase_sft(d, clock, clock.start + 0.4 * budget, say)
             elif phase in ("eval_sft", "eval_rl"):
                 info = _phase_eval(d, ctx, phase, pool, say)
             elif phase == "rl":

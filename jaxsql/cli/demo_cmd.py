@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     )
     p.add_argument("--out", default="./demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget shared by the phases (default 10; 3 with --smoke)")
+                   help="wall-clock budget shared by the phases (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling (default 0)")
     p.add_argument("--smoke", action="store_true", help="a few steps of every phase with a tiny model (CI)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or phase lines")
@@ -34,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.minutes is not None and args.minutes <= 0:
         raise UsageError("--minutes: must be > 0")
     if args.smoke:
-        config = smoke_config(seed=args.seed, minutes=args.minutes or 3.0)
+        config = smoke_config(seed=args.seed, minutes=args.minutes or 10.0)
     else:
         config = DemoConfig(seed=args.seed, minutes=args.minutes or DemoConfig.minutes)
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
