@@ -401,7 +401,8 @@ def token_logprobs(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, mask_
     log-softmax (match the sampler's temperature for GRPO ratios).
 
     The [B, T, V] logits are never materialised whole: the log-softmax runs
-    over chunks of `chunk` positions (a scan), so memory is [B, chunk, V].
+    over chunks of `chunk` positions (a scan, each chunk rematerialised in
+    the backward pass), so memory is [B, chunk, V].
     """
     B, T = tokens_BT.shape
     mask = mask_BT.astype(jnp.bool_)
@@ -423,7 +424,8 @@ def token_logprobs(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, mask_
         lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
         return None, lp
 
-    _, lp_CBc = jax.lax.scan(one, None, (h_CBcD, t_CBc))
+    # Remat each chunk so the backward pass keeps no [B, chunk, V] softmax residuals per chunk.
+    _, lp_CBc = jax.lax.scan(jax.checkpoint(one), None, (h_CBcD, t_CBc))
     lp = lp_CBc.swapaxes(0, 1).reshape(B, nc * c)[:, :n]
     valid = mask[:, 1:] & mask[:, :-1]
     lp = jnp.where(valid, lp, 0.0)
