@@ -182,7 +182,7 @@ class GrpoTrainer:
         index = np.array([offsets[d] + g * G + i for d, g in keep + filler for i in range(G)])
         rows = select_rows(concat_rows([d["rows"] for d in draws]), index)
         rewards = np.concatenate([d["score"].rewards for d in draws])[index]
-        adv = np.asarray(algo.compute_advantages(c.algo.advantage, rewards, G, c.algo.adv_eps))
+        adv = np.array(algo.compute_advantages(c.algo.advantage, rewards, G, c.algo.adv_eps))
         if filler:
             adv[n_real * G:] = 0.0
             live = jnp.asarray(np.arange(B * G) < n_real * G)[:, None]

@@ -145,3 +145,39 @@ def test_metrics_and_export(tiny_env, uninterrupted, tmp_path):
 
     _, params = load_hf_checkpoint(out)
     _assert_same_params(uninterrupted[0], params)
+
+
+def test_dynamic_sampling_refills_and_masks(tiny_env, tmp_path):
+    import dataclasses
+
+    G = 4
+    plans = [np.array([0, 0, 0, 0, 1, 0, 0, 0], np.float32),   # draw 0: group 1 informative
+             np.array([1, 1, 1, 1, 0, 0, 1, 1], np.float32)]   # draw 1: group 1 informative
+
+    def patch(trainer):
+        score = trainer._score
+        calls = []
+
+        def planned(texts, examples):
+            out = score(texts, examples)
+            r = plans[len(calls) % 2]
+            calls.append(1)
+            return dataclasses.replace(out, rewards=r)
+
+        trainer._score = planned
+
+    cfg = _cfg(tiny_env, tmp_path / "dyn", **{"algo.dynamic_sampling": True, "algo.max_refill_batches": 3,
+                                              "checkpoint.every_steps": 0})
+    out, _ = _run(cfg, patch=patch, until=1)
+    m = out["history"][0]
+    assert m["dynamic/draws"] == 2 and m["dynamic/kept_groups"] == 2
+    assert m["train/tokens"] == 2 * G * 8  # both kept groups, all 8 tokens of each sample
+
+    # never informative: stops after the refills, and the filler groups are masked out
+    plans[:] = [np.full(8, -1.0, np.float32)] * 2
+    out, _ = _run(_cfg(tiny_env, tmp_path / "flat", **{"algo.dynamic_sampling": True,
+                                                      "algo.max_refill_batches": 2,
+                                                      "checkpoint.every_steps": 0}), patch=patch, until=1)
+    m = out["history"][0]
+    assert m["dynamic/draws"] == 3 and m["dynamic/kept_groups"] == 0 and m["train/tokens"] == 0
+    assert m["train/update_skipped"] == 0.0
