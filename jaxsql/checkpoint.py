@@ -16,6 +16,7 @@ as the latest; its temporary directories are never listed as steps.
 from __future__ import annotations
 
 import base64
+import os
 import signal
 import threading
 from pathlib import Path
@@ -169,8 +170,10 @@ class PreemptionGuard:
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame):  # noqa: ARG002
-        if self._event.is_set():
+        if self._event.is_set():  # asked twice: stop waiting for a safe point
             signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self._event.set()
 
     def __enter__(self) -> "PreemptionGuard":
