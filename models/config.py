@@ -179,7 +179,7 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", family != "llama")),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),  # transformers default
             qkv_bias=qkv_bias,
             qk_norm=family == "qwen3",
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),

@@ -19,6 +19,10 @@ def test_qwen2_from_transformers_4_layout():
     assert (cfg.family, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm, cfg.eos_token_ids) == ("qwen2", 8, True, False, (2, 3))
     assert cfg.rope_theta == 10000.0 and cfg.tie_word_embeddings
     hash(cfg)  # usable as a static jit argument
+    d = _hf()
+    del d["tie_word_embeddings"], d["rope_theta"]
+    cfg = ModelConfig.from_hf_dict(d)  # transformers' defaults when absent
+    assert not cfg.tie_word_embeddings and cfg.rope_theta == 10000.0
 
 
 def test_llama3_rope_parameters_transformers_5_layout():
