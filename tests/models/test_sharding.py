@@ -92,3 +92,12 @@ def test_sampling_with_sharded_params_matches_one_device(hf_dirs):
     b = generate(params_s, cfg, [[5, 6, 7], [8, 9]], **kw)
     assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+
+
+def test_export_from_sharded_params_round_trips(hf_dirs, tmp_path):
+    mesh = make_mesh(2, 2, 2)
+    cfg, params_s = hf_io.load_hf_checkpoint(hf_dirs["qwen3"], mesh=mesh)
+    out = hf_io.save_hf_checkpoint(tmp_path / "from-mesh", cfg, params_s, max_shard_bytes=40_000)
+    _, back = hf_io.load_hf_checkpoint(out)
+    for a, b in zip(jax.tree.leaves(params_s), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
