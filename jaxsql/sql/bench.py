@@ -52,8 +52,14 @@ def _qps(n: int, seconds: float) -> float:
     return round(n / seconds, 1) if seconds > 0 else float("inf")
 
 
-def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_000, seed: int = 0) -> dict[str, Any]:
-    """Run the benchmark; returns queries/s for serial, pool (cache off) and pool with duplicates + cache."""
+def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_000, seed: int = 0,
+              rounds: int = 4) -> dict[str, Any]:
+    """Run the benchmark; returns queries/s for serial, pool (cache off) and pool with duplicates + cache.
+
+    Every query runs once serially (one connection, calling thread) and once
+    through the pool with the cache off; the two alternate over `rounds`
+    slices of the query list.
+    """
     workers = workers or default_num_workers()
     with tempfile.TemporaryDirectory(prefix="jaxsql-bench-") as tmp:
         db = str(Path(tmp) / "bench.sqlite")
@@ -61,17 +67,24 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
         sqls = bench_queries(queries, seed)
         jobs = [(db, s) for s in sqls]
 
+        # Serial and pool runs alternate over `rounds` slices of the queries, so
+        # that load from other processes drifting over time hits both alike.
         con = sandbox.open_readonly(db)
-        start = time.perf_counter()
-        serial = [sandbox.run_query(con, s) for s in sqls]
-        serial_s = time.perf_counter() - start
-        con.close()
-
+        serial: list = []
+        pooled: list = []
+        serial_s = pool_s = 0.0
         with SqlPool(workers, cache_size=0) as pool:
-            pool.execute_batch(jobs[: workers])  # open each worker's connection outside the timing
-            start = time.perf_counter()
-            pooled = pool.execute_batch(jobs)
-            pool_s = time.perf_counter() - start
+            pool.execute_batch(jobs[:workers])  # open each worker's connection outside the timing
+            sandbox.run_query(con, sqls[0])
+            step = -(-queries // rounds)
+            for lo in range(0, queries, step):
+                start = time.perf_counter()
+                serial += [sandbox.run_query(con, s) for s in sqls[lo:lo + step]]
+                serial_s += time.perf_counter() - start
+                start = time.perf_counter()
+                pooled += pool.execute_batch(jobs[lo:lo + step])
+                pool_s += time.perf_counter() - start
+        con.close()
 
         # GRPO-like: groups of 8 samples that repeat a query, cache on.
         rng = random.Random(seed + 1)
@@ -88,6 +101,7 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
         "queries": queries,
         "workers": workers,
         "table_rows": rows,
+        "rounds": rounds,
         "serial_qps": _qps(queries, serial_s),
         "pool_qps": _qps(queries, pool_s),
         "speedup": round(serial_s / pool_s, 2) if pool_s > 0 else float("inf"),
