@@ -157,3 +157,24 @@ def test_normalize_sql_keys():
     assert whitespace_normalize("SELEC  'a   b'\n\n  x;;") == "SELEC 'a   b' x"
     deep = "SELECT " + "(" * 5000 + "1" + ")" * 5000
     assert normalize_sql(deep).startswith("w:")
+
+
+def test_fresh_connection_per_job_gives_same_results(tiny_db):
+    jobs = [(str(tiny_db), "SELECT name FROM people ORDER BY id"), (str(tiny_db), "DROP TABLE people")]
+    with SqlPool(2, reuse_connections=False) as fresh, SqlPool(2) as reused:
+        a, b = fresh.execute_batch(jobs), reused.execute_batch(jobs)
+    assert [(r.ok, r.error, r.rows) for r in a] == [(r.ok, r.error, r.rows) for r in b]
+    assert a[0].rows == (("Ann",), ("Bob",), ("Cid",), ("Dee",)) and a[1].error == "denied"
+
+
+def test_database_removed_while_connection_cached(tiny_db, tmp_path):
+    import shutil
+
+    copy = tmp_path / "gone.sqlite"
+    shutil.copy(tiny_db, copy)
+    with SqlPool(1, cache_size=0) as pool:
+        assert pool.execute_batch([(str(copy), "SELECT count(*) FROM people")])[0].rows == ((4,),)
+        copy.unlink()
+        r = pool.execute_batch([(str(copy), "SELECT count(*) FROM people")])[0]
+        assert r.error == "db_missing"
+        assert not copy.exists()
