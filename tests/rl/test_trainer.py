@@ -181,3 +181,16 @@ def test_dynamic_sampling_refills_and_masks(tiny_env, tmp_path):
     m = out["history"][0]
     assert m["dynamic/draws"] == 3 and m["dynamic/kept_groups"] == 0 and m["train/tokens"] == 0
     assert m["train/update_skipped"] == 0.0
+
+
+def test_cli_export_and_config_errors(uninterrupted, tmp_path, capsys):
+    from jaxsql.cli import main
+
+    assert main(["export", "--checkpoint", str(uninterrupted[2]), "--out", str(tmp_path / "hf"),
+                 "--step", "4"]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("run_dir: x\nmodel: {preset: tiny}\nalgo: {loss_agg: nope}\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "AlgoSection.loss_agg" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
