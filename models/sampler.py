@@ -175,10 +175,8 @@ def _decode(params: Params, logits_BV: jax.Array, cache: KVCache, positions_B: j
     stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
     check_stop = bool(sp.stop_ids) and not sp.ignore_stop
 
-    def cond(s: _LoopState):
-        return (s.step < max_new) & ~jnp.all(s.done_B)
-
-    def body(s: _LoopState) -> _LoopState:
+    def record(s: _LoopState) -> tuple[_LoopState, jax.Array]:
+        """Sample this step's token from the current logits and write it down."""
         token, logprob = sample_token(s.logits_BV, jax.random.fold_in(key, s.step), sp)
         token = jnp.where(s.done_B, sp.pad_id, token)
         logprob = jnp.where(s.done_B, 0.0, logprob)
@@ -186,14 +184,25 @@ def _decode(params: Params, logits_BV: jax.Array, cache: KVCache, positions_B: j
         logprobs = jax.lax.dynamic_update_slice(s.logprobs_BM, logprob[:, None], (0, s.step))
         lengths = s.lengths_B + (~s.done_B).astype(jnp.int32)
         done = s.done_B | (jnp.isin(token, stop) if check_stop else False)
+        return s._replace(step=s.step + 1, tokens_BM=tokens, logprobs_BM=logprobs, done_B=done,
+                          lengths_B=lengths), token
+
+    def cond(s: _LoopState):
+        return (s.step < max_new - 1) & ~jnp.all(s.done_B)
+
+    def body(s: _LoopState) -> _LoopState:
+        s, token = record(s)
         logits, cache = forward(params, token[:, None], s.positions_B[:, None], cfg,
                                 mask_BT=jnp.ones((B, 1), jnp.bool_), cache=s.cache)
-        return _LoopState(s.step + 1, logits[:, 0], tokens, logprobs, done, lengths, s.positions_B + 1, cache)
+        return s._replace(logits_BV=logits[:, 0], positions_B=s.positions_B + 1, cache=cache)
 
     init = _LoopState(jnp.zeros((), jnp.int32), logits_BV, jnp.full((B, max_new), sp.pad_id, jnp.int32),
                       jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), jnp.bool_),
                       jnp.zeros((B,), jnp.int32), positions_B, cache)
     out = jax.lax.while_loop(cond, body, init)
+    # The last token needs no forward pass; if every row stopped early, the write below is
+    # padding at a column that is already padding.
+    out, _ = record(out._replace(step=jnp.minimum(out.step, max_new - 1)))
     # The final logits and cache are returned so the donated input buffers can be aliased to them.
     return out.tokens_BM, out.logprobs_BM, out.lengths_B, out.logits_BV, out.cache
 

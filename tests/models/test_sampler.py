@@ -99,6 +99,8 @@ def test_stop_tokens_and_ignore_stop(qwen3):
                        stop_ids=(stop_a, stop_b), ignore_stop=True)
     toks = np.asarray(ignored.tokens[0]).tolist()
     assert int(ignored.lengths[0]) == 10 and stop_a not in toks and stop_b not in toks
+    one = generate(params, cfg, [[5, 6, 7]], key=jax.random.key(0), max_new_tokens=1, greedy=True, stop_ids=())
+    assert np.asarray(one.tokens).tolist() == [seq[:1]] and int(one.lengths[0]) == 1
 
 
 def test_inverse_cdf_categorical_distribution():
