@@ -92,7 +92,7 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
         t0 = time.perf_counter()
         out = generate(state["params"], cfg, prompt_ids, key=jax.random.PRNGKey(i), max_new_tokens=new_tokens,
                        num_samples=generations, temperature=1.0, ignore_stop=True)
-        rows = assemble(out)
+        rows = assemble(out, generations)
         toks = np.asarray(jax.device_get(out.tokens))
         t1 = time.perf_counter()
         if ref is not None:  # dispatched before the host computes rewards

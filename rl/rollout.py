@@ -21,7 +21,7 @@ import numpy as np
 from data.records import Example
 from models.config import ModelConfig
 from models.sampler import SampleOutput, generate
-from rl.policy import logprobs_and_entropy
+from rl.policy import grouped_logprobs_and_entropy, logprobs_and_entropy
 
 
 class PromptEncoder:
@@ -81,27 +81,45 @@ def decode_completions(tokenizer: Any, tokens_NC: np.ndarray, lengths_N: np.ndar
     return out
 
 
-@jax.jit
-def assemble(sample: SampleOutput) -> dict[str, jax.Array]:
-    """Training rows from a `SampleOutput`: tokens, mask [N, P+C]; completion_mask, sampler_logp [N, C]."""
+PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
+
+
+@partial(jax.jit, static_argnames=("group",))
+def assemble(sample: SampleOutput, group: int) -> dict[str, jax.Array]:
+    """Grouped training rows from a `SampleOutput` of `group` samples per prompt:
+    prompt_tokens, prompt_mask [N, P]; completion_tokens, completion_mask, sampler_logp [N*G, C]."""
     n, c = sample.tokens.shape
     gen_mask = (jnp.arange(c)[None, :] < sample.lengths[:, None]).astype(jnp.int32)
-    prompt_mask = sample.prompt_mask.astype(jnp.int32)
     return {
-        "tokens": jnp.concatenate([sample.prompt_tokens.astype(jnp.int32), sample.tokens.astype(jnp.int32)], 1),
-        "mask": jnp.concatenate([prompt_mask, gen_mask], 1),
+        "prompt_tokens": sample.prompt_tokens[::group].astype(jnp.int32),
+        "prompt_mask": sample.prompt_mask[::group].astype(jnp.int32),
+        "completion_tokens": sample.tokens.astype(jnp.int32),
         "completion_mask": gen_mask,
         "sampler_logp": sample.logprobs.astype(jnp.float32) * gen_mask,
     }
 
 
+def ungroup(rows: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Full rows ``tokens``/``mask`` [B, P+C] from grouped rows (each prompt repeated G times)."""
+    out = {k: v for k, v in rows.items() if k not in PROMPT_KEYS + ("completion_tokens",)}
+    G = rows["completion_tokens"].shape[0] // rows["prompt_tokens"].shape[0]
+    out["tokens"] = jnp.concatenate([jnp.repeat(rows["prompt_tokens"], G, 0), rows["completion_tokens"]], 1)
+    out["mask"] = jnp.concatenate([jnp.repeat(rows["prompt_mask"], G, 0), rows["completion_mask"]], 1)
+    return out
+
+
 @partial(jax.jit, static_argnames=("cfg", "temperature", "with_entropy"))
 def completion_logprobs(params, rows: dict[str, jax.Array], cfg: ModelConfig, temperature: float,
                         with_entropy: bool = False):
-    """Per-token log-probs (and entropies) of the rows' tokens under `params`, 0 outside completions."""
-    lp, ent = logprobs_and_entropy(params, cfg, rows["tokens"], rows["mask"],
-                                   rows["completion_mask"].shape[1], temperature=temperature,
-                                   with_entropy=with_entropy)
+    """Per-token log-probs (and entropies) of the rows' completions under `params`, 0 outside them."""
+    if "prompt_tokens" in rows:
+        lp, ent = grouped_logprobs_and_entropy(params, cfg, rows["prompt_tokens"], rows["prompt_mask"],
+                                               rows["completion_tokens"], rows["completion_mask"],
+                                               temperature=temperature, with_entropy=with_entropy)
+    else:
+        lp, ent = logprobs_and_entropy(params, cfg, rows["tokens"], rows["mask"],
+                                       rows["completion_mask"].shape[1], temperature=temperature,
+                                       with_entropy=with_entropy)
     cm = rows["completion_mask"].astype(jnp.float32)
     return lp * cm, (None if ent is None else ent * cm)
 
@@ -126,26 +144,30 @@ def sample_rollout(params, cfg: ModelConfig, encoder: PromptEncoder, examples: S
                    num_samples=num_generations, temperature=temperature, top_p=top_p, top_k=top_k,
                    stop_ids=tuple(stop_ids), ignore_stop=ignore_stop, pad_id=pad_id)
     repeated = [ex for ex in examples for _ in range(num_generations)]
-    return Rollout(repeated, assemble(out), out.tokens, out.lengths)
+    return Rollout(repeated, assemble(out, num_generations), out.tokens, out.lengths)
 
 
 def concat_rows(parts: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Concatenate row dicts whose prompt buckets may differ: tokens and mask are padded
-    on the left (more prompt padding), so completions stay in the last C columns."""
+    """Concatenate grouped row dicts whose prompt buckets may differ: prompts are padded
+    on the left (more padding), so they stay left-padded."""
     if len(parts) == 1:
         return dict(parts[0])
-    width = max(p["tokens"].shape[1] for p in parts)
+    width = max(p["prompt_tokens"].shape[1] for p in parts)
     out: dict[str, list] = {}
     for p in parts:
         for k, v in p.items():
-            if k in ("tokens", "mask") and v.shape[1] < width:
+            if k in PROMPT_KEYS and v.shape[1] < width:
                 v = jnp.pad(v, ((0, 0), (width - v.shape[1], 0)))
             out.setdefault(k, []).append(v)
     return {k: jnp.concatenate(v, 0) for k, v in out.items()}
 
 
-def select_rows(rows: dict[str, jax.Array], index: np.ndarray) -> dict[str, jax.Array]:
-    """Rows at `index` (host ints) of every array."""
-    idx = jnp.asarray(index, jnp.int32)
-    return {k: jnp.take(v, idx, axis=0) for k, v in rows.items()}
+def select_groups(rows: dict[str, jax.Array], groups: np.ndarray) -> dict[str, jax.Array]:
+    """The grouped rows of prompts `groups` (host ints), each with its G completions."""
+    n_prompts = rows["prompt_tokens"].shape[0]
+    G = rows["completion_mask"].shape[0] // n_prompts
+    groups = np.asarray(groups, np.int64)
+    rows_idx = jnp.asarray((groups[:, None] * G + np.arange(G)[None, :]).reshape(-1), jnp.int32)
+    g_idx = jnp.asarray(groups, jnp.int32)
+    return {k: jnp.take(v, g_idx if k in PROMPT_KEYS else rows_idx, axis=0) for k, v in rows.items()}
 

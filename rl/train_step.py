@@ -9,6 +9,9 @@ completion]`` with the completion in the last C columns (see `rl.policy`):
 - ``tokens``, ``mask`` (real tokens) [N, T]; ``completion_mask`` [N, C] (scored tokens;
   a full-width [N, T] mask, with [N, T] log-prob arrays, is accepted too and
   scores positions 1..T-1, at the cost of the vocabulary projection everywhere);
+- or, *grouped* (GRPO's G samples share a prompt, which then runs once per
+  group): ``prompt_tokens``, ``prompt_mask`` [N/G, P] and ``completion_tokens``
+  [N, C] instead of ``tokens`` / ``mask`` (see `rl.policy`);
 - GRPO: ``advantages`` [N]; optional [N, C] ``old_logp`` (absent when mu = 1:
   the current log-probs, detached, are the old ones), ``ref_logp`` (only
   when beta != 0) and ``sampler_logp`` (for the mismatch metric / TIS).
@@ -33,7 +36,7 @@ from models.config import ModelConfig
 from models.model import param_shardings
 from rl import algo
 from rl.config import OptimSection
-from rl.policy import logprobs_and_entropy
+from rl.policy import grouped_logprobs_and_entropy, logprobs_and_entropy
 
 State = dict[str, Any]
 
@@ -112,11 +115,12 @@ def init_state(params, optimizer: optax.GradientTransformation, shardings=None) 
     return jax.jit(make, out_shardings=shardings)(params)
 
 
-def batch_sharding(mesh, rules, ndim: int):
-    """Rows over the batch mesh axes (rules.batch), other dimensions replicated."""
+def batch_sharding(mesh, rules, shape: tuple[int, ...]):
+    """Rows over the batch mesh axes (rules.batch), other dimensions replicated; rows
+    that the batch axes do not divide (e.g. few prompts) are replicated."""
     from jaxsql.sharding import logical_to_sharding
 
-    return logical_to_sharding(("batch",) + (None,) * (ndim - 1), mesh, rules)
+    return logical_to_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, rules, shape)
 
 
 def _split_micro(x, m: int):
@@ -143,13 +147,35 @@ def _completion_view(mb: dict) -> tuple[dict, int]:
     return out, T - 1
 
 
+def _split_batch(batch: dict, m: int) -> dict:
+    """[m, ...] micro-batches; grouped batches are split by prompt, each with its G rows."""
+    if "prompt_tokens" not in batch:
+        return jax.tree.map(lambda x: _split_micro(x, m), batch)
+    n_prompts = batch["prompt_tokens"].shape[0]
+    G = batch["completion_mask"].shape[0] // n_prompts
+    out = {}
+    for k, x in batch.items():
+        if k.startswith("prompt_"):
+            out[k] = _split_micro(x, m)
+        else:
+            y = _split_micro(x.reshape((n_prompts, G) + x.shape[1:]), m)
+            out[k] = y.reshape((m, (n_prompts // m) * G) + x.shape[1:])
+    return out
+
+
 def _micro_loss(params, mb: dict, model_cfg: ModelConfig, sc: StepConfig):
     """(loss_sum, (denominator, metric sums)) of one micro-batch."""
-    mb, C = _completion_view(mb)
     want_entropy = sc.kind == "grpo"
-    logp, ent = logprobs_and_entropy(params, model_cfg, mb["tokens"], mb["mask"], C,
-                                     temperature=sc.temperature, with_entropy=want_entropy,
-                                     chunk=sc.logits_chunk)
+    if "prompt_tokens" in mb:
+        logp, ent = grouped_logprobs_and_entropy(
+            params, model_cfg, mb["prompt_tokens"], mb["prompt_mask"], mb["completion_tokens"],
+            mb["completion_mask"], temperature=sc.temperature, with_entropy=want_entropy,
+            chunk=sc.logits_chunk)
+    else:
+        mb, C = _completion_view(mb)
+        logp, ent = logprobs_and_entropy(params, model_cfg, mb["tokens"], mb["mask"], C,
+                                         temperature=sc.temperature, with_entropy=want_entropy,
+                                         chunk=sc.logits_chunk)
     cm = mb["completion_mask"].astype(jnp.float32)
     if sc.kind == "sft":
         s, d = algo.sft_loss(logp, cm)
@@ -175,7 +201,7 @@ def make_step_fn(model_cfg: ModelConfig, sc: StepConfig,
     def step(state: State, batch: dict) -> tuple[State, dict]:
         params = state["params"]
         m = sc.micro_batches
-        micro = jax.tree.map(lambda x: _split_micro(x, m), batch)
+        micro = _split_batch(batch, m)
 
         def body(carry, mb):
             g_acc, s_acc, d_acc, met_acc = carry
@@ -243,7 +269,7 @@ class TrainStep:
 
     def batch_shardings(self, batch: dict) -> dict:
         """Shardings for a batch dict (rows over the batch mesh axes)."""
-        return {k: batch_sharding(self.mesh, self.rules, jnp.ndim(v)) for k, v in batch.items()}
+        return {k: batch_sharding(self.mesh, self.rules, tuple(jnp.shape(v))) for k, v in batch.items()}
 
     def place_batch(self, batch: dict) -> dict:
         """Put host arrays of a batch onto the mesh."""
@@ -251,7 +277,10 @@ class TrainStep:
         return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
 
     def __call__(self, state: State, batch: dict) -> tuple[State, dict]:
-        key = tuple(sorted((k, jnp.ndim(v)) for k, v in batch.items()))
+        if "prompt_tokens" in batch and batch["prompt_tokens"].shape[0] % self.sc.micro_batches:
+            raise ValueError(f"grouped batch: {batch['prompt_tokens'].shape[0]} prompts are not divisible by "
+                             f"micro_batches={self.sc.micro_batches}; use full rows (rl.rollout.ungroup)")
+        key = tuple(sorted((k, tuple(jnp.shape(v))) for k, v in batch.items()))
         fn = self._compiled.get(key)
         if fn is None:
             replicated = NamedSharding(self.mesh, PartitionSpec())

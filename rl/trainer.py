@@ -35,7 +35,7 @@ from jaxsql.metrics import MetricsWriter, ProgressBar
 from rl import algo, setup
 from rl.config import TrainConfig
 from rl.rollout import (PromptEncoder, completion_logprobs, concat_rows, decode_completions,
-                        sample_rollout, select_rows)
+                        sample_rollout, select_groups, ungroup)
 from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
 
 
@@ -178,9 +178,10 @@ class GrpoTrainer:
         # Too few informative groups after the refills: pad with masked-out groups
         # so shapes stay fixed; they add nothing to the loss or its denominator.
         filler = [(0, g) for g in range(B - n_real)]
-        offsets = np.cumsum([0] + [len(d["examples"]) for d in draws])
-        index = np.array([offsets[d] + g * G + i for d, g in keep + filler for i in range(G)])
-        rows = select_rows(concat_rows([d["rows"] for d in draws]), index)
+        offsets = np.cumsum([0] + [len(d["examples"]) // G for d in draws])
+        groups = np.array([offsets[d] + g for d, g in keep + filler])
+        rows = select_groups(concat_rows([d["rows"] for d in draws]), groups)
+        index = (groups[:, None] * G + np.arange(G)[None, :]).reshape(-1)
         rewards = np.concatenate([d["score"].rewards for d in draws])[index]
         adv = np.array(algo.compute_advantages(c.algo.advantage, rewards, G, c.algo.adv_eps))
         if filler:
@@ -188,6 +189,8 @@ class GrpoTrainer:
             live = jnp.asarray(np.arange(B * G) < n_real * G)[:, None]
             rows["completion_mask"] = rows["completion_mask"] * live
         rows["advantages"] = jnp.asarray(adv, jnp.float32)
+        if B % c.optim.micro_batches:  # micro-batches of whole groups are impossible
+            rows = ungroup(rows)
         batch = self.train_step.place_batch(rows)
 
         t_update = time.perf_counter()

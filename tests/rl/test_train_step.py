@@ -58,6 +58,25 @@ def _run(mesh, sc, batch, steps=1, lr=1e-3, adam_eps=1e-4):
     return jax.device_get(state), jax.device_get(metrics)
 
 
+def _grouped(b, G=4):
+    """The same rows in the grouped layout (N/G prompts, each with its G completions)."""
+    g = {k: v for k, v in b.items() if k not in ("tokens", "mask")}
+    g["prompt_tokens"] = b["tokens"][::G, :P].copy()
+    g["prompt_mask"] = b["mask"][::G, :P].copy()
+    g["completion_tokens"] = b["tokens"][:, P:].copy()
+    return g
+
+
+def _shared_prompts(b, G=4):
+    """Make rows of a group share their prompt (as GRPO samples do)."""
+    b = dict(b)
+    for k in ("tokens", "mask"):
+        x = b[k].copy()
+        x[:, :P] = np.repeat(x[::G, :P], G, axis=0)
+        b[k] = x
+    return b
+
+
 SC = StepConfig(loss=algo.PolicyLossConfig(loss_agg="token_mean", eps_high=0.28, beta=0.04, max_len=C,
                                            tis_cap=2.0))
 
@@ -67,8 +86,10 @@ def test_eight_devices_equal_one_device():
     # Adam's first update is ~lr * g / (|g| + eps): with eps=1e-8 a gradient entry
     # near 1e-8 turns a 1e-9 difference in summation order into a 1e-4 step, so
     # the test uses eps=1e-4 to compare the step, not the rounding of ~0 gradients.
-    one, m1 = _run(make_mesh(1, 1, 1, devices=jax.devices()[:1]), SC, _batch())
-    eight, m8 = _run(make_mesh(2, 2, 2), SC, _batch())
+    # the trainer's grouped layout: 2 prompts (replicated: 4 batch shards) x 4 completions
+    batch = _grouped(_shared_prompts(_batch()))
+    one, m1 = _run(make_mesh(1, 1, 1, devices=jax.devices()[:1]), SC, batch)
+    eight, m8 = _run(make_mesh(2, 2, 2), SC, batch)
     for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(eight["params"])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
@@ -144,4 +165,16 @@ def test_full_width_layout_equals_completion_layout():
     wide_state, mw = _run(mesh, SC, wide)
     np.testing.assert_allclose(mn["loss"], mw["loss"], rtol=1e-5)
     for a, c in zip(jax.tree.leaves(narrow_state["params"]), jax.tree.leaves(wide_state["params"])):
+        np.testing.assert_allclose(a, c, atol=1e-6)
+
+
+def test_grouped_layout_equals_full_rows_with_micro_batches():
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    full = _shared_prompts(_batch())
+    sc2 = StepConfig(loss=SC.loss, micro_batches=2)
+    full_state, mf = _run(mesh, sc2, full)
+    grouped_state, mg = _run(mesh, sc2, _grouped(full))
+    np.testing.assert_allclose(mf["loss"], mg["loss"], rtol=1e-5)
+    np.testing.assert_allclose(mf["entropy"], mg["entropy"], rtol=1e-5)
+    for a, c in zip(jax.tree.leaves(full_state["params"]), jax.tree.leaves(grouped_state["params"])):
         np.testing.assert_allclose(a, c, atol=1e-6)
