@@ -62,6 +62,11 @@ class DemoConfig:
       prompt_len: prompts are left-padded (or left-truncated) to this many tokens.
       max_new_tokens: completion length cap (SFT targets are cut to it).
       sft_steps, sft_batch, sft_lr, sft_warmup: the cold start (AdamW, cosine to 10%).
+      rl_questions: where GRPO's answer-only questions come from: "new_databases" (the train
+        split of a second synthetic draw, seed + 1000: new databases and entity names, train
+        value pools; questions of the dev split's held-out template-domain pairs or naming a
+        value of a dev database are dropped) or "train" (the SFT split's questions again).
+      rl_n_questions: size of the "new_databases" draw (before filtering).
       rl_steps, rl_prompts, rl_generations: GRPO steps, prompts per step, G.
       rl_temperature, rl_lr, rl_eps_high: sampling temperature, AdamW lr, clip-higher epsilon.
       reward_correct, reward_wrong, reward_failed: `execution` reward values.
@@ -75,7 +80,7 @@ class DemoConfig:
     n_train: int = 2000
     n_dev: int = 300
     sft_examples: int = 2000
-    vocab_size: int = 1024
+    vocab_size: int = 512
     hidden_size: int = 192
     num_layers: int = 3
     num_heads: int = 4
@@ -87,15 +92,17 @@ class DemoConfig:
     sft_batch: int = 32
     sft_lr: float = 2e-3
     sft_warmup: int = 20
-    rl_steps: int = 40
-    rl_prompts: int = 8
+    rl_questions: str = "new_databases"
+    rl_n_questions: int = 2000
+    rl_steps: int = 100
+    rl_prompts: int = 16
     rl_generations: int = 8
-    rl_temperature: float = 0.8
-    rl_lr: float = 3e-4
+    rl_temperature: float = 1.0
+    rl_lr: float = 1e-4
     rl_eps_high: float = 0.28
     reward_correct: float = 1.0
     reward_wrong: float = 0.0
-    reward_failed: float = -1.0
+    reward_failed: float = 0.0
     eval_every: int = 10
     eval_batch: int = 100
     ckpt_every: int = 25
@@ -112,6 +119,8 @@ class DemoConfig:
         require((self.hidden_size // self.num_heads) % 2 == 0, name, "hidden_size",
                 "hidden_size / num_heads must be even (rotary embeddings)")
         require(self.prompt_len >= 16, name, "prompt_len", "must be >= 16")
+        require(self.rl_questions in ("new_databases", "train"), name, "rl_questions",
+                f"must be new_databases or train, got {self.rl_questions!r}")
 
     def identity(self) -> dict[str, Any]:
         """The fields a rerun on the same directory must agree with."""
@@ -125,7 +134,8 @@ def smoke_config(seed: int = 0, minutes: float = 3.0) -> DemoConfig:
     return DemoConfig(seed=seed, minutes=minutes, n_train=120, n_dev=24, sft_examples=120, vocab_size=384,
                       hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                       prompt_len=128, max_new_tokens=12, sft_steps=3, sft_batch=8, sft_warmup=0,
-                      rl_steps=2, rl_prompts=2, rl_generations=2, eval_every=1, eval_batch=24, ckpt_every=2)
+                      rl_n_questions=60, rl_steps=2, rl_prompts=2, rl_generations=2, eval_every=1, eval_batch=24,
+                      ckpt_every=2)
 
 
 # --- the output directory and its marker ------------------------------------------------------
@@ -322,6 +332,60 @@ def _write_jsonl(path: Path, examples: Sequence[Any]) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
+_RL_FILE = ("data_rl", "rl_answers.jsonl")
+
+
+def _dev_text_values(dev_examples: Sequence[Any]) -> set[str]:
+    """Every text cell of the dev databases, lower-cased."""
+    import sqlite3
+
+    values: set[str] = set()
+    for db in sorted({e.db_path for e in dev_examples}):
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for t in tables:
+                for row in conn.execute(f'SELECT * FROM "{t}"'):
+                    values.update(v.lower() for v in row if isinstance(v, str))
+        finally:
+            conn.close()
+    return values
+
+
+def _rl_questions(d: DemoDir, bench) -> tuple[list[Any], dict[str, int]]:
+    """GRPO's questions (with gold SQL still attached; `weak_supervision` strips it)."""
+    import re
+    import shutil
+
+    from data.synthetic import generate_benchmark
+
+    cfg = d.config
+    d.path(_RL_FILE[0]).mkdir(parents=True, exist_ok=True)
+    if cfg.rl_questions == "train":
+        for e in bench.train:
+            shutil.copy2(e.db_path, d.path(_RL_FILE[0], Path(e.db_path).name))
+        return list(bench.train), {}
+    heldout = set(json.loads(d.path("data", "synthetic.json").read_text())["heldout"])
+    dev_values = _dev_text_values(bench.dev)
+    fresh = generate_benchmark(d.path(_RL_FILE[0]), seed=cfg.seed + 1000, n_train=cfg.rl_n_questions,
+                               n_dev=4)
+    # Only the answer-only file is kept: no gold SQL of these questions stays on disk.
+    for name in ("train.jsonl", "dev.jsonl"):
+        d.path(_RL_FILE[0], name).unlink()
+    kept, held, named = [], 0, 0
+    for e in fresh.train:
+        template = e.id.split("-", 3)[3]
+        domain = Path(e.db_path).name.split("_")[0]
+        words = set(re.findall(r"[\w']+", e.question.lower()))
+        if f"{template}@{domain}" in heldout:
+            held += 1
+        elif words & dev_values:
+            named += 1
+        else:
+            kept.append(e)
+    return kept, {"dropped_heldout": held, "dropped_dev_values": named}
+
+
 def sft_run_config(d: DemoDir):
     """`rl.config.SftConfig` of the cold start (run directory ``DIR/checkpoints/sft``)."""
     from rl.config import CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, SftConfig
@@ -348,7 +412,7 @@ def rl_run_config(d: DemoDir):
     return TrainConfig(
         run_dir=str(d.path("checkpoints", "rl")),
         model=ModelSection(path=str(d.path("checkpoints", "sft", "hf")), tokenizer=str(d.path("tokenizer"))),
-        data=DataSection(source="jsonl", path=str(d.path("data", "rl_answers.jsonl")), split="train",
+        data=DataSection(source="jsonl", path=str(d.path(*_RL_FILE)), split="train",
                          prompt_format=PROMPT_FORMAT, batch_size=c.rl_prompts, shuffle_seed=c.seed + 1,
                          max_prompt_len=c.prompt_len, max_target_len=c.max_new_tokens),
         sampling=SamplingSection(num_generations=c.rl_generations, max_new_tokens=c.max_new_tokens,
@@ -394,23 +458,28 @@ def _phase_data(d: DemoDir, say: Callable[[str], None]) -> dict[str, Any]:
     cfg = d.config
     bench = generate_benchmark(d.path("data"), seed=cfg.seed, n_train=cfg.n_train, n_dev=cfg.n_dev)
     schema = schema_cache()
-    # Dev contributes its prompts (schema + question) but never its labels.
+    # Train text only: a merge learnt from dev questions would be a token that training never
+    # updates (a dev-only value as one untrained embedding), which the model can neither read nor
+    # copy. Fitted on train, dev values split into pieces the model has learnt to copy.
     texts = [render_prompt(e, schema(e.db_path), PROMPT_FORMAT) + render_target(e, PROMPT_FORMAT)
              for e in bench.train]
-    texts += [render_prompt(e, schema(e.db_path), PROMPT_FORMAT) for e in bench.dev]
     texts += [CHAT_TEMPLATE, "system\nuser\nassistant\n"] * 4
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size, out_dir=d.path("tokenizer"))
     # SFT sees gold SQL of its examples; RL sees every train question with its answers only.
     _write_jsonl(d.path("data", "sft.jsonl"), bench.train[: cfg.sft_examples])
-    _write_jsonl(d.path("data", "rl_answers.jsonl"), weak_supervision(bench.train))
+    rl_examples, rl_info = _rl_questions(d, bench)
+    _write_jsonl(d.path(*_RL_FILE), weak_supervision(rl_examples))
     mcfg = model_config(cfg, tok)
     params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
     save_hf_checkpoint(d.path("checkpoints", "init"), mcfg, params, tokenizer_dir=d.path("tokenizer"),
                        overwrite=True)
     say(f"benchmark: {len(bench.train)} train / {len(bench.dev)} dev examples; tokenizer: {len(tok)} tokens; "
         f"model: {mcfg.num_params() / 1e6:.2f}M parameters (random init)")
+    say(f"GRPO questions (answers only): {len(rl_examples)} from {cfg.rl_questions}"
+        + (f" ({rl_info['dropped_heldout']} of held-out dev template-domain pairs and "
+           f"{rl_info['dropped_dev_values']} naming a dev value dropped)" if rl_info else ""))
     return {"n_train": len(bench.train), "n_dev": len(bench.dev), "vocab": len(tok),
-            "params": mcfg.num_params()}
+            "params": mcfg.num_params(), "rl_questions": len(rl_examples), **rl_info}
 
 
 def _phase_sft(d: DemoDir, clock: Clock, deadline: float, say) -> dict[str, Any]:
@@ -621,6 +690,10 @@ def write_report(d: DemoDir, total_seconds: float, peak_bytes: int) -> Path:
     lines += ["", "## Run", "",
               f"- SFT: {sft.get('steps')} steps x {cfg.sft_batch} examples (first {cfg.sft_examples} train examples), "
               f"lr {cfg.sft_lr}" + (" — stopped early by the time budget" if sft.get("stopped_early") else ""),
+              f"- GRPO questions: {d.info('data').get('rl_questions')} question-answer pairs "
+              + ("over new databases (a second synthetic draw, seed + 1000; held-out dev template-domain "
+                 "pairs and questions naming a dev value removed)" if cfg.rl_questions == "new_databases"
+                 else "(the SFT split's questions)") + "; no gold SQL",
               f"- GRPO: {rl.get('steps')} steps x {cfg.rl_prompts} prompts x G={cfg.rl_generations}, "
               f"temperature {cfg.rl_temperature}, lr {cfg.rl_lr}, beta 0, token-mean loss, clip "
               f"[0.8, {1 + cfg.rl_eps_high}]; reward `execution` ({cfg.reward_correct} / {cfg.reward_wrong} / "
