@@ -283,7 +283,7 @@ class GrpoTrainer:
         from models.hf_io import save_hf_checkpoint
 
         return save_hf_checkpoint(out_dir, self.model_cfg, self.state["params"],
-                                  tokenizer_dir=setup.tokenizer_dir(self.config.model), overwrite=True)
+                                  tokenizer_dir=setup.tokenizer_dir(self.config.model))
 
     def close(self) -> None:
         """Release the checkpointer."""
