@@ -34,7 +34,8 @@ def test_sft_then_grpo_raises_execution_reward(tmp_path):
     before, after = np.mean(reward[:10]), np.mean(reward[-10:])
     print(f"mean reward first 10 steps {before:.3f} -> last 10 steps {after:.3f}; "
           f"error rate {np.mean(errors[:10]):.3f} -> {np.mean(errors[-10:]):.3f}")
-    # observed on this CPU: +0.19 to +0.35 (runs differ slightly: SQL deadlines under load)
+    # observed on this CPU: +0.19 to +0.35; separate processes do not reproduce each
+    # other bit for bit here (cause not pinned down), hence the room in the margin
     assert after - before >= 0.1
     assert np.mean(errors[:10]) - np.mean(errors[-10:]) >= 0.1
     assert r["skipped_updates"] == 0
