@@ -64,6 +64,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
         )
     if tp is float:
+        # YAML 1.1 reads "1e-5" (no dot) as a string; accept what float() reads exactly.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

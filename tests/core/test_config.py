@@ -60,6 +60,8 @@ def test_overrides_and_yaml(tmp_path):
     path.write_text("name: base\noptim:\n  lr: 0.1\n")
     cfg = load_config(Run, path, ["optim.warmup=10", "seed=3", "tags=[x]"])
     assert cfg == Run(name="base", optim=Optim(lr=0.1, warmup=10), seed=3, tags=("x",))
+    # YAML 1.1 reads 1e-5 as the string "1e-5": still a number for a float field.
+    assert load_config(Run, path, ["optim.lr=1e-5"]).optim.lr == 1e-5
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(Run, path, ["optim.lr"])
