@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import collections
 import random
 import sqlite3
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from jaxsql.sql import sandbox
 from jaxsql.sql.pool import SqlPool, default_num_workers
+
+
+def _sched() -> tuple[float, float] | None:
+    """(CPU seconds, seconds waiting for a CPU) of the calling thread (Linux), else None."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            cpu_ns, wait_ns, _ = f.read().split()
+        return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
+class _MeteredPool(SqlPool):
+    """A pool that adds up its workers' wall, CPU and CPU-wait seconds per job.
+
+    Wall minus CPU minus CPU-wait is time a worker was blocked (GIL, locks,
+    I/O): the pool's own overhead. CPU-wait is other processes' load.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.meter: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+        self._meter_lock = threading.Lock()
+
+    def _run(self, db_path: str, sql: str):
+        a, t0 = _sched(), time.perf_counter()
+        result = super()._run(db_path, sql)
+        t1, b = time.perf_counter(), _sched()
+        if a is not None and b is not None:
+            with self._meter_lock:
+                m = self.meter[threading.get_ident()]
+                m[0] += t1 - t0
+                m[1] += b[0] - a[0]
+                m[2] += b[1] - a[1]
+        return result
 
 
 def make_bench_db(path: str | Path, rows: int, seed: int = 0) -> None:
@@ -72,18 +109,24 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
         con = sandbox.open_readonly(db)
         serial: list = []
         pooled: list = []
-        serial_s = pool_s = 0.0
-        with SqlPool(workers, cache_size=0) as pool:
+        serial_s = pool_s = serial_cpu = serial_wait = 0.0
+        with _MeteredPool(workers, cache_size=0) as pool:
             pool.execute_batch(jobs[:workers])  # open each worker's connection outside the timing
+            pool.meter.clear()
             sandbox.run_query(con, sqls[0])
             step = -(-queries // rounds)
             for lo in range(0, queries, step):
-                start = time.perf_counter()
+                a, start = _sched(), time.perf_counter()
                 serial += [sandbox.run_query(con, s) for s in sqls[lo:lo + step]]
                 serial_s += time.perf_counter() - start
+                b = _sched()
+                if a is not None and b is not None:
+                    serial_cpu += b[0] - a[0]
+                    serial_wait += b[1] - a[1]
                 start = time.perf_counter()
                 pooled += pool.execute_batch(jobs[lo:lo + step])
                 pool_s += time.perf_counter() - start
+            meter = list(pool.meter.values())
         con.close()
 
         # GRPO-like: groups of 8 samples that repeat a query, cache on.
@@ -95,6 +138,9 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
             cached_s = time.perf_counter() - start
             stats = pool.stats()
 
+    pool_cpu = sum(m[1] for m in meter)
+    pool_wait = sum(m[2] for m in meter)
+    pool_blocked = sum(m[0] - m[1] - m[2] for m in meter)
     errors = sum(not r.ok for r in serial) + sum(not r.ok for r in pooled)
     same = all(a.rows == b.rows for a, b in zip(serial, pooled))
     return {
@@ -105,6 +151,16 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
         "serial_qps": _qps(queries, serial_s),
         "pool_qps": _qps(queries, pool_s),
         "speedup": round(serial_s / pool_s, 2) if pool_s > 0 else float("inf"),
+        # Where the time went (Linux schedstat; zeros elsewhere). CPU-wait is
+        # time spent ready to run while other processes held the cores.
+        "serial_cpu_s": round(serial_cpu, 3),
+        "serial_cpu_wait_s": round(serial_wait, 3),
+        "pool_cpu_s": round(pool_cpu, 3),
+        "pool_cpu_wait_s": round(pool_wait, 3),
+        "pool_blocked_s": round(pool_blocked, 3),
+        # serial CPU / (per-worker CPU + blocked time): the speedup if no
+        # other process competed for the cores (an estimate, not a measurement).
+        "speedup_est_idle": round(serial_cpu / ((pool_cpu + pool_blocked) / workers), 2) if pool_cpu > 0 else None,
         "cached_dup_qps": _qps(queries, cached_s),
         "cache_hits": stats["hits"],
         "cache_executed": stats["executed"],
