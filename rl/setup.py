@@ -58,6 +58,13 @@ def tokenizer_dir(model: ModelSection) -> str:
     return d
 
 
+def export_policy(out_dir: str | Path, model: ModelSection, cfg: ModelConfig, params) -> Path:
+    """Write `params` as an HF checkpoint in `out_dir`, with the run's tokenizer files."""
+    from models.hf_io import save_hf_checkpoint
+
+    return save_hf_checkpoint(out_dir, cfg, params, tokenizer_dir=tokenizer_dir(model))
+
+
 def load_tokenizer(model: ModelSection):
     """The `transformers` tokenizer of the run (local files only)."""
     from transformers import AutoTokenizer

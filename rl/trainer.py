@@ -280,10 +280,7 @@ class GrpoTrainer:
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the current policy as an HF checkpoint (with the run's tokenizer)."""
-        from models.hf_io import save_hf_checkpoint
-
-        return save_hf_checkpoint(out_dir, self.model_cfg, self.state["params"],
-                                  tokenizer_dir=setup.tokenizer_dir(self.config.model))
+        return setup.export_policy(out_dir, self.config.model, self.model_cfg, self.state["params"])
 
     def close(self) -> None:
         """Release the checkpointer."""
