@@ -69,6 +69,8 @@ class DemoConfig:
       rl_n_questions: size of the "new_databases" draw (before filtering).
       rl_steps, rl_prompts, rl_generations: GRPO steps, prompts per step, G.
       rl_temperature, rl_lr, rl_eps_high: sampling temperature, AdamW lr, clip-higher epsilon.
+      rl_dynamic_sampling: DAPO dynamic sampling (drop groups whose G rewards are equal, refill
+        from up to 2 more batches).
       reward_correct, reward_wrong, reward_failed: `execution` reward values.
       eval_every: dev evaluation every N RL steps (0 = only before and after).
       eval_batch: prompts per greedy `generate` call.
@@ -88,22 +90,23 @@ class DemoConfig:
     intermediate_size: int = 576
     prompt_len: int = 128
     max_new_tokens: int = 40
-    sft_steps: int = 150
+    sft_steps: int = 110
     sft_batch: int = 32
     sft_lr: float = 2e-3
     sft_warmup: int = 20
     rl_questions: str = "new_databases"
     rl_n_questions: int = 2000
-    rl_steps: int = 100
+    rl_steps: int = 200
     rl_prompts: int = 16
     rl_generations: int = 8
     rl_temperature: float = 1.0
     rl_lr: float = 1e-4
     rl_eps_high: float = 0.28
+    rl_dynamic_sampling: bool = True
     reward_correct: float = 1.0
     reward_wrong: float = 0.0
     reward_failed: float = 0.0
-    eval_every: int = 10
+    eval_every: int = 25
     eval_batch: int = 100
     ckpt_every: int = 25
 
@@ -134,7 +137,8 @@ def smoke_config(seed: int = 0, minutes: float = 3.0) -> DemoConfig:
     return DemoConfig(seed=seed, minutes=minutes, n_train=120, n_dev=24, sft_examples=120, vocab_size=384,
                       hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                       prompt_len=128, max_new_tokens=12, sft_steps=3, sft_batch=8, sft_warmup=0,
-                      rl_n_questions=60, rl_steps=2, rl_prompts=2, rl_generations=2, eval_every=1, eval_batch=24,
+                      rl_n_questions=60, rl_steps=2, rl_prompts=2, rl_generations=2, rl_dynamic_sampling=False,
+                      eval_every=1, eval_batch=24,
                       ckpt_every=2)
 
 
@@ -417,7 +421,8 @@ def rl_run_config(d: DemoDir):
                          max_prompt_len=c.prompt_len, max_target_len=c.max_new_tokens),
         sampling=SamplingSection(num_generations=c.rl_generations, max_new_tokens=c.max_new_tokens,
                                  temperature=c.rl_temperature),
-        algo=AlgoSection(advantage="grpo", loss_agg="token_mean", eps_low=0.2, eps_high=c.rl_eps_high, beta=0.0),
+        algo=AlgoSection(advantage="grpo", loss_agg="token_mean", eps_low=0.2, eps_high=c.rl_eps_high, beta=0.0,
+                         dynamic_sampling=c.rl_dynamic_sampling, max_refill_batches=2),
         optim=OptimSection(learning_rate=c.rl_lr, max_grad_norm=1.0),
         checkpoint=CheckpointSection(every_steps=c.ckpt_every, max_to_keep=2, async_save=False, export_hf=False),
         mesh=MeshSection(data=1),
@@ -695,7 +700,8 @@ def write_report(d: DemoDir, total_seconds: float, peak_bytes: int) -> Path:
                  "pairs and questions naming a dev value removed)" if cfg.rl_questions == "new_databases"
                  else "(the SFT split's questions)") + "; no gold SQL",
               f"- GRPO: {rl.get('steps')} steps x {cfg.rl_prompts} prompts x G={cfg.rl_generations}, "
-              f"temperature {cfg.rl_temperature}, lr {cfg.rl_lr}, beta 0, token-mean loss, clip "
+              f"temperature {cfg.rl_temperature}, lr {cfg.rl_lr}, beta 0, token-mean loss, "
+              + ("DAPO dynamic sampling, " if cfg.rl_dynamic_sampling else "") + "clip "
               f"[0.8, {1 + cfg.rl_eps_high}]; reward `execution` ({cfg.reward_correct} / {cfg.reward_wrong} / "
               f"{cfg.reward_failed}) against gold answers only (gold SQL never given to the reward)"
               + (" — stopped early by the time budget" if rl.get("stopped_early") else ""),
@@ -756,7 +762,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, say: Call
             if phase == "data":
                 info = _phase_data(d, say)
             elif phase == "sft":
-                info = _phase_sft(d, clock, clock.start + 0.4 * budget, say)
+                info = _phase_sft(d, clock, clock.start + 0.6 * budget, say)
             elif phase in ("eval_sft", "eval_rl"):
                 info = _phase_eval(d, ctx, phase, pool, say)
             elif phase == "rl":
