@@ -5,17 +5,19 @@ so a rerun skips finished phases and a killed one continues from the last
 checkpoint of the phase it was in):
 
 1. ``data``: generate the synthetic benchmark into ``DIR/data``; train a
-   byte-level BPE tokenizer on train prompts + targets and dev prompts (no dev
-   labels) and save it as a `transformers` tokenizer in ``DIR/tokenizer``.
-2. ``sft``: supervised cold start of a small Qwen2-style decoder from random
-   weights on the first ``sft_examples`` train examples (cross-entropy on the
-   completion tokens; `rl.train_step` with ``kind="sft"``).
+   byte-level BPE tokenizer on train prompts + targets only (see `_phase_data`)
+   and save it as a `transformers` tokenizer in ``DIR/tokenizer``; write the
+   SFT examples and GRPO's answer-only questions (`DemoConfig.rl_questions`)
+   as JSONL; save the random initial model (HF) in ``DIR/checkpoints/init``.
+2. ``sft``: supervised cold start (`rl.sft.SftTrainer`, driven step by step)
+   on the first ``sft_examples`` train examples, deliberately moderate.
 3. ``eval_sft``: greedy decoding on the held-out dev split (`rl.evaluate`).
-4. ``rl``: GRPO (Shao et al. 2024) with the ``execution`` reward computed from
-   gold *answers* only (weak supervision, Kulkarni & Srikumar 2025): every
-   example handed to the reward has ``gold_sql=None``; the host `SqlPool` runs
-   every sample. Group-normalised advantages, token-mean loss, clip-higher,
-   beta = 0 (no reference model).
+4. ``rl``: GRPO (Shao et al. 2024; `rl.trainer.GrpoTrainer`, driven step by
+   step) with the ``execution`` reward computed from gold *answers* only
+   (weak supervision, Kulkarni & Srikumar 2025): the examples handed to the
+   reward have ``gold_sql=None``; the host `SqlPool` runs every sample.
+   Group-normalised advantages, DAPO dynamic sampling, token-mean loss,
+   clip-higher, beta = 0 (no reference model).
 5. ``eval_rl``: greedy dev evaluation of the RL policy.
 6. ``export``: HF checkpoint in ``DIR/hf_export`` (+ tokenizer) and, when
    transformers and torch are installed, a load-and-compare-logits check.
@@ -23,7 +25,7 @@ checkpoint of the phase it was in):
 
 Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line with a
 ``phase`` key) and TensorBoard events under ``DIR/tensorboard``; orbax
-checkpoints to ``DIR/checkpoints/{sft,rl}``.
+checkpoints in the trainers' run directories ``DIR/checkpoints/{sft,rl}``.
 """
 
 from __future__ import annotations
