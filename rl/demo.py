@@ -587,7 +587,11 @@ def _phase_rl(d: DemoDir, ctx: _Context, clock: Clock, deadline: float, pool, sa
             if every and step % every == 0 and step < config.steps:
                 ev = _evaluate(ctx, trainer.state["params"], pool)
                 d.log_metrics("eval", step, ev.summary)
-                bar.bar.write(f"[rl] step {step}: dev EX(set) {100 * ev.summary['ex_set']:.1f}%")
+                msg = f"[rl] step {step}: dev EX(set) {100 * ev.summary['ex_set']:.1f}%"
+                if d.progress:
+                    bar.bar.write(msg)
+                else:
+                    say(msg)
         trainer.save(step)
         trainer.checkpointer.wait()
         trainer.export(run_dir / "hf")
