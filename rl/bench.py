@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsql.errors import JaxsqlError
+
 
 def cheap_reward(completion_ids: list[list[int]]) -> list[float]:
     """Fraction of even token ids in each completion (deterministic, varied, ~free)."""
@@ -40,13 +42,17 @@ def bench_prompts(model_dir: str | Path, num: int, length: int, seed: int = 0):
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception:  # no tokenizer files: random ids are fine for jaxsql alone
         tok = None
+    # Without tokenizer files, transformers 5 may still build an empty tokenizer of the
+    # model's family that encodes every text to nothing: treat it as no tokenizer.
+    if tok is not None and not tok("a b c", add_special_tokens=False)["input_ids"]:
+        tok = None
     if tok is None:
         return None, rng.randint(3, 200, (num, length)).tolist(), None
     texts, ids = [], []
     letters = np.array(list(string.ascii_lowercase + " "))
-    for _ in range(num):
+    for i in range(num):
         text = "".join(rng.choice(letters, length * 2))
-        while True:
+        for _ in range(20):
             enc = tok(text, add_special_tokens=False)["input_ids"]
             if len(enc) >= length:
                 enc = enc[:length]
@@ -54,6 +60,9 @@ def bench_prompts(model_dir: str | Path, num: int, length: int, seed: int = 0):
                 if tok(text, add_special_tokens=False)["input_ids"] == enc:
                     break
             text = text + "".join(rng.choice(letters, length))
+        else:
+            raise JaxsqlError(f"the tokenizer in {model_dir} cannot make prompt {i} exactly "
+                              f"{length} tokens long (its decode/encode does not round-trip)")
         texts.append(text)
         ids.append(list(enc))
     return texts, ids, tok
@@ -76,6 +85,9 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
     from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
 
     texts, prompt_ids, tok = bench_prompts(model_dir, prompts, prompt_len, seed)
+    if compare_trl and texts is None:  # checked before any timing, not after minutes of it
+        raise JaxsqlError(f"--compare-trl needs a tokenizer in {model_dir} (e.g. `jaxsql model init "
+                          f"--test-tokenizer`) so both sides get the same prompts")
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     cfg, params = load_hf_checkpoint(model_dir, mesh=mesh, param_dtype="float32")
     optim = OptimSection(learning_rate=learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, max_grad_norm=1.0)
@@ -124,11 +136,6 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
     if compare_trl:
         from rl.bench_trl import run_trl
 
-        if texts is None:
-            from jaxsql.errors import JaxsqlError
-
-            raise JaxsqlError(f"--compare-trl needs a tokenizer in {model_dir} (e.g. `jaxsql model init "
-                              f"--test-tokenizer`) so both sides get the same prompts")
         trl = run_trl(model_dir, texts, steps=steps, warmup=warmup, generations=generations,
                       prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, beta=beta,
                       learning_rate=learning_rate, seed=seed)
