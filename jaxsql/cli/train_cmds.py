@@ -23,18 +23,22 @@ def _summary(out: dict) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jaxsql.distributed import initialize_from_env
     from rl.config import load_train_config
     from rl.trainer import train
 
+    initialize_from_env()  # multi-host (tpu_scripts/launch.sh) before any device is touched
     cfg = load_train_config(args.config, args.overrides)
     print(json.dumps(_summary(train(cfg, resume=args.resume))))
     return 0
 
 
 def _sft(args: argparse.Namespace) -> int:
+    from jaxsql.distributed import initialize_from_env
     from rl.config import load_sft_config
     from rl.sft import sft
 
+    initialize_from_env()
     cfg = load_sft_config(args.config, args.overrides)
     print(json.dumps(_summary(sft(cfg, resume=args.resume))))
     return 0
