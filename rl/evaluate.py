@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from data.records import Example
+from rl.rollout import decode_completions
 
 SchemaFn = Callable[[str], str]
 
@@ -64,19 +65,6 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Any, schema: SchemaFn
             ids = ids[-max_prompt_len:]
         out.append(list(ids))
     return out
-
-
-def decode_completions(tokenizer: Any, tokens_NM: np.ndarray, lengths_N: np.ndarray,
-                       stop_ids: Sequence[int]) -> list[str]:
-    """Completion texts: the generated tokens up to (excluding) the first stop token."""
-    stop = set(int(s) for s in stop_ids)
-    texts = []
-    for row, n in zip(np.asarray(tokens_NM), np.asarray(lengths_N)):
-        ids = [int(t) for t in row[: int(n)]]
-        while ids and ids[-1] in stop:
-            ids.pop()
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
 
 
 @dataclasses.dataclass(frozen=True)
