@@ -20,7 +20,7 @@ from data.records import Example
 from jaxsql.checkpoint import Checkpointer
 from jaxsql.errors import JaxsqlError
 from models.config import ModelConfig
-from rl.config import DataSection, MeshSection, ModelSection
+from rl.config import CheckpointSection, DataSection, MeshSection, ModelSection
 
 
 def build_mesh(mesh: MeshSection):
@@ -134,9 +134,10 @@ def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig(**d)
 
 
-def open_checkpointer(run_dir: str | Path, *, max_to_keep: int, async_save: bool, resume: bool) -> Checkpointer:
+def open_checkpointer(run_dir: str | Path, checkpoint: CheckpointSection, *, resume: bool) -> Checkpointer:
     """The run's checkpointer; refuses to start over a run that has checkpoints unless resuming."""
-    ck = Checkpointer(Path(run_dir) / "checkpoints", max_to_keep=max_to_keep, async_save=async_save)
+    ck = Checkpointer(Path(run_dir) / "checkpoints", max_to_keep=checkpoint.max_to_keep,
+                      async_save=checkpoint.async_save)
     if not resume and ck.latest_step() is not None:
         raise JaxsqlError(f"{run_dir} already holds checkpoints (latest step {ck.latest_step()}); "
                           f"pass --resume to continue it or choose a new run_dir")
@@ -153,9 +154,13 @@ def save_run(ck: Checkpointer, step: int, train_state, rng, iterator, config: Ma
 
 
 def restore_run(ck: Checkpointer, train_state, rng, iterator):
-    """Restore (train_state, rng, step) in place of the given fresh ones; moves `iterator`."""
+    """(train_state, rng, step) from the latest checkpoint, moving `iterator` to its position;
+    the given fresh ones and step 0 when there is none (`open_checkpointer` already refused
+    existing checkpoints without --resume)."""
     from data.pipeline import restore_iterator
 
+    if ck.latest_step() is None:
+        return train_state, rng, 0
     state, meta = ck.restore({"train": train_state, "rng": rng})
     if meta.get("data_state") is not None:
         restore_iterator(iterator, meta["data_state"])

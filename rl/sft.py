@@ -69,12 +69,9 @@ class SftTrainer:
         self.state = init_state(params, self.optimizer, self.train_step.state_shardings)
         del params
         self.rng = jax.random.PRNGKey(c.seed)
-        self.checkpointer = setup.open_checkpointer(self.run_dir, max_to_keep=c.checkpoint.max_to_keep,
-                                                    async_save=c.checkpoint.async_save, resume=resume)
-        self.start_step = 0
-        if resume and self.checkpointer.latest_step() is not None:
-            self.state, self.rng, self.start_step = setup.restore_run(
-                self.checkpointer, self.state, self.rng, self.iterator)
+        self.checkpointer = setup.open_checkpointer(self.run_dir, c.checkpoint, resume=resume)
+        self.state, self.rng, self.start_step = setup.restore_run(
+            self.checkpointer, self.state, self.rng, self.iterator)
 
     def save(self, step: int) -> bool:
         """Checkpoint the run as `step`."""
