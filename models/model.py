@@ -128,15 +128,18 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None, std: fl
 
 
 class KVCache(NamedTuple):
-    """Dense KV cache for all layers: `k` and `v` are [L, B, K, S, H] arrays (stacked
-    layers), or tuples of L arrays [B, K, S, H] to go with unstacked parameters
-    (`unstack_layers`).
+    """Dense KV cache for all layers: keys `k` are [L, B, K, H, S] and values `v`
+    [L, B, K, S, H] arrays (stacked layers), or tuples of L arrays [B, K, H, S] /
+    [B, K, S, H] to go with unstacked parameters (`unstack_layers`).
 
     Slots [0, index) are written; ``mask_BS`` marks the written slots that
     hold real (non-pad) tokens. All rows share one write `index`, which is
     why prompts are left-padded to a common length. Heads come before slots
-    (L, B, K, S, H) so that a layer's keys are already in the layout of the
-    attention matmuls (no per-step transpose of the cache).
+    so that a layer's cache is already in the layout of the attention
+    contractions (no per-step transpose). Keys are stored transposed, slots
+    last: a decoding step's q.k products then run along contiguous slots
+    (the softmax axis) and the p.v products along contiguous head_dim, which
+    halved the cost of streaming the cache on CPU.
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -151,26 +154,46 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, pe
     `per_layer` gives tuples of per-layer arrays, for unstacked parameters.
     """
     dt = jnp.dtype(dtype or cfg.compute_dtype)
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     if per_layer:
-        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
-        v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        k = tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.num_layers))
     else:
-        k, v = jnp.zeros((cfg.num_layers, *shape), dt), jnp.zeros((cfg.num_layers, *shape), dt)
+        k, v = jnp.zeros((cfg.num_layers, *k_shape), dt), jnp.zeros((cfg.num_layers, *v_shape), dt)
     return KVCache(k, v, jnp.zeros((batch, max_len), jnp.bool_), jnp.zeros((), jnp.int32))
 
 
-def unstack_layers(params: Params) -> Params:
+def unstack_layers(params: Params, fuse: bool = False) -> Params:
     """Parameters with ``layers`` as a tuple of per-layer dicts instead of stacked arrays.
 
     `hidden_states` then runs the layers as an unrolled Python loop. Used by
     the sampler on CPU, where slicing a layer out of a stacked weight inside
     the decode loop copies it on every step; it costs one copy of the layer
     weights (do it inside jit so the copy is transient).
+
+    `fuse` also concatenates each layer's q, k and v projections into one
+    ``w_qkv`` [D, (N + 2K) H] (biases into ``b_qkv``) and the gate and up
+    projections into one ``w_gate_up`` [D, 2F], so a decoding step runs two
+    wide GEMMs where it ran five narrow ones (the copy is made anyway).
     """
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+    per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
+    if fuse:
+        per_layer = [_fuse_layer(lp) for lp in per_layer]
+    return {**params, "layers": tuple(per_layer)}
+
+
+def _fuse_layer(lp: Params) -> Params:
+    """One layer's parameters with fused ``w_qkv`` (``b_qkv``) and ``w_gate_up`` (see `unstack_layers`)."""
+    out = {k: v for k, v in lp.items() if k not in ("wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up")}
+    D = lp["wq"].shape[0]
+    out["w_qkv"] = jnp.concatenate([lp[w].reshape(D, -1) for w in ("wq", "wk", "wv")], axis=1)
+    if "bq" in lp:
+        out["b_qkv"] = jnp.concatenate([lp[b].reshape(-1) for b in ("bq", "bk", "bv")])
+    out["w_gate_up"] = jnp.concatenate([lp["w_gate"], lp["w_up"]], axis=1)
+    return out
 
 
 # --- building blocks ------------------------------------------------------------
@@ -222,25 +245,26 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
+def attention(q_BTNH: jax.Array, kT_BKHS: jax.Array, v_BKSH: jax.Array, allowed_BTS: jax.Array) -> jax.Array:
     """Grouped-query softmax(q k^T / sqrt(H)) v; disallowed keys get zero weight.
 
-    Scores and softmax in float32. A query row with no allowed key (a pad
-    query) gets uniform weights instead of NaN; its output is never used.
+    Keys come transposed (slots last, the `KVCache` layout). Scores and
+    softmax in float32. A query row with no allowed key (a pad query) gets
+    uniform weights instead of NaN; its output is never used.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
+    K = kT_BKHS.shape[1]
     if T == 1:
-        # One query per row (decoding): broadcast-multiply-reduce streams the cache once; as
-        # batched matmuls of [G, H] x [H, S] it was ~1.6x slower on CPU.
-        q = q_BTNH.reshape(B, K, N // K, 1, H).astype(jnp.float32)
-        scores = jnp.sum(q * k_BKSH[:, :, None].astype(jnp.float32), axis=-1) * (H ** -0.5)  # BKGS
+        # One query per row (decoding): broadcast-multiply-reduce streams the cache once, along
+        # contiguous slots for the keys and contiguous head_dim for the values.
+        q = q_BTNH.reshape(B, K, N // K, H, 1).astype(jnp.float32)
+        scores = jnp.sum(q * kT_BKHS[:, :, None].astype(jnp.float32), axis=3) * (H ** -0.5)  # BKGS
         scores = jnp.where(allowed_BTS[:, :, None, :], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.sum(probs[..., None] * v_BKSH[:, :, None].astype(jnp.float32), axis=3)  # BKGH
         return out.astype(v_BKSH.dtype).reshape(B, 1, N, H)
     q = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BKHS->BKGTS", q, kT_BKHS, preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
     scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
@@ -265,16 +289,28 @@ def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
 
 
 def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cfg: ModelConfig, *,
-                  mask_BT: jax.Array | None = None, cache: KVCache | None = None
-                  ) -> tuple[jax.Array, KVCache | None]:
+                  mask_BT: jax.Array | None = None, cache: KVCache | None = None, fill_cache: int | None = None,
+                  last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
 
     Without a cache, token t attends to tokens <= t of its row that are not
     padding. With a cache, the T new tokens are written to slots
     [index, index + T) and attend to every earlier real slot.
+
+    ``fill_cache=S`` (no `cache` given) is a prefill: the tokens attend only
+    to each other, as without a cache, and their keys and values come back
+    as a new cache of S >= T slots (index T), so no work is spent on the
+    S - T empty slots. ``last_only`` returns the hidden state of the last
+    position only, [B, 1, D]; with unstacked layers (`unstack_layers`) the
+    last layer then computes its attention output and MLP for that position
+    alone (its keys and values still cover every position).
     """
     cdt = jnp.dtype(cfg.compute_dtype)
     B, T = tokens_BT.shape
+    if cache is not None and fill_cache is not None:
+        raise ValueError("hidden_states: give either a cache to extend or fill_cache, not both")
+    if fill_cache is not None and fill_cache < T:
+        raise ValueError(f"hidden_states: fill_cache={fill_cache} is shorter than the {T} tokens")
     mask_BT = jnp.ones((B, T), jnp.bool_) if mask_BT is None else mask_BT.astype(jnp.bool_)
     cos, sin = rope_tables(positions_BT, cfg)
     x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(cdt)
@@ -288,74 +324,105 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
         q_slot_T = cache.index + jnp.arange(T)
         allowed_BTS = (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None]) & key_mask_BS[:, None, :]
 
-    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def proj(x_BTX, w):  # a plain 2-D GEMM: [B*T, X] @ [X, Y], the layout CPU and TPU like best
-        w2 = w.astype(cdt).reshape(x_BTX.shape[-1], -1)
-        return (x_BTX.reshape(B * T, -1) @ w2).reshape(B, T, *w.shape[1:])
+    def proj(x_X, w):  # a plain 2-D GEMM: [rows, X] @ [X, Y], the layout CPU and TPU like best
+        w2 = w.astype(cdt).reshape(x_X.shape[-1], -1)
+        return (x_X.reshape(-1, x_X.shape[-1]) @ w2).reshape(*x_X.shape[:-1], *w.shape[1:])
 
-    def block(x_BTD, lp, update_kv):
+    def block(x_BTD, lp, update_kv, last=False):
         h = rms_norm(x_BTD, lp["attn_norm"], cfg.rms_norm_eps)
-        q = proj(h, lp["wq"])  # BTD,DNH->BTNH
-        k = proj(h, lp["wk"])  # BTD,DKH->BTKH
-        v = proj(h, lp["wv"])
-        if cfg.qkv_bias:
-            q, k, v = q + lp["bq"].astype(cdt), k + lp["bk"].astype(cdt), v + lp["bv"].astype(cdt)
+        if "w_qkv" in lp:  # fused (see unstack_layers): one GEMM, then split the columns
+            qkv = proj(h, lp["w_qkv"])
+            if cfg.qkv_bias:
+                qkv = qkv + lp["b_qkv"].astype(cdt)
+            q = qkv[..., :N * H].reshape(B, T, N, H)
+            k = qkv[..., N * H:(N + K) * H].reshape(B, T, K, H)
+            v = qkv[..., (N + K) * H:].reshape(B, T, K, H)
+        else:
+            q = proj(h, lp["wq"])  # BTD,DNH->BTNH
+            k = proj(h, lp["wk"])  # BTD,DKH->BTKH
+            v = proj(h, lp["wv"])
+            if cfg.qkv_bias:
+                q, k, v = q + lp["bq"].astype(cdt), k + lp["bk"].astype(cdt), v + lp["bv"].astype(cdt)
         if cfg.qk_norm:
             q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # BTKH -> BKTH
-        keys, values, kv_state = update_kv(k, v)
-        a = attention(q, keys.astype(cdt), values.astype(cdt), allowed_BTS)
-        x_BTD = x_BTD + proj(a.reshape(B, T, N * H), lp["wo"].reshape(N * H, D))  # BTNH,NHD->BTD
+        kT, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # BTKH -> BKHT (keys), BKTH (values)
+        keys, values, kv_state = update_kv(kT, v)
+        allowed = allowed_BTS
+        if last:  # past the keys and values, only the last position matters
+            q, x_BTD, allowed = q[:, -1:], x_BTD[:, -1:], allowed_BTS[:, -1:]
+        a = attention(q, keys.astype(cdt), values.astype(cdt), allowed)
+        x_BTD = x_BTD + proj(a.reshape(*a.shape[:2], N * H), lp["wo"].reshape(N * H, -1))  # BTNH,NHD->BTD
         h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = proj(h, lp["w_gate"]), proj(h, lp["w_up"])  # BTD,DF->BTF
+        if "w_gate_up" in lp:
+            gate_up = proj(h, lp["w_gate_up"])
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate, up = proj(h, lp["w_gate"]), proj(h, lp["w_up"])  # BTD,DF->BTF
         x_BTD = x_BTD + proj(jax.nn.silu(gate) * up, lp["w_down"])  # BTF,FD->BTD
         return x_BTD, kv_state
 
-    def no_cache(k, v):
-        return k, v, None
+    def no_cache(kT, v):
+        return kT, v, None
 
-    def write_slot(kc_BKSH, vc_BKSH, k, v):
-        at = (0, 0, cache.index, 0)
-        kc = jax.lax.dynamic_update_slice(kc_BKSH, k.astype(kc_BKSH.dtype), at)
-        return kc, jax.lax.dynamic_update_slice(vc_BKSH, v.astype(vc_BKSH.dtype), at)
+    def keep_kv(kT, v):
+        return kT, v, (kT, v)
+
+    def write_slots(kc_BKHS, vc_BKSH, kT, v, layer=()):
+        """Write the new slots into one layer's cache (or, given `layer`, into the stacked cache)."""
+        lead = (1,) * len(layer)
+        kc = jax.lax.dynamic_update_slice(kc_BKHS, kT.reshape(lead + kT.shape).astype(kc_BKHS.dtype),
+                                          (*layer, 0, 0, 0, cache.index))
+        vc = jax.lax.dynamic_update_slice(vc_BKSH, v.reshape(lead + v.shape).astype(vc_BKSH.dtype),
+                                          (*layer, 0, 0, cache.index, 0))
+        return kc, vc
 
     layers = params["layers"]
+    update_mode = keep_kv if fill_cache is not None else no_cache
     if isinstance(layers, (tuple, list)):  # unstacked (see unstack_layers): an unrolled loop
         ks, vs = [], []
         for i, lp in enumerate(layers):
+            last = last_only and i == len(layers) - 1
             if cache is None:
-                x_BTD, _ = block(x_BTD, lp, no_cache)
+                x_BTD, kv = block(x_BTD, lp, update_mode, last)
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
                 continue
 
-            def update(k, v, i=i):
-                kc, vc = write_slot(cache.k[i], cache.v[i], k, v)
+            def update(kT, v, i=i):
+                kc, vc = write_slots(cache.k[i], cache.v[i], kT, v)
                 return kc, vc, (kc, vc)
 
-            x_BTD, (kc, vc) = block(x_BTD, lp, update)
+            x_BTD, (kc, vc) = block(x_BTD, lp, update, last)
             ks.append(kc)
             vs.append(vc)
-        new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), key_mask_BS, cache.index + T)
+        if cache is not None:
+            new_cache = KVCache(tuple(ks), tuple(vs), key_mask_BS, cache.index + T)
+        elif fill_cache is not None:
+            new_cache = _new_cache(tuple(ks), tuple(vs), mask_BT, fill_cache)
+        else:
+            new_cache = None
     elif cache is None:
         def body(x, lp):
-            return block(x, lp, no_cache)[0], None
+            x, kv = block(x, lp, update_mode)
+            return x, kv
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, layers)
-        new_cache = None
+        x_BTD, kv_L = jax.lax.scan(body, x_BTD, layers)
+        new_cache = None if fill_cache is None else _new_cache(kv_L[0], kv_L[1], mask_BT, fill_cache)
     else:
         def body(carry, lp):
             x, kc_all, vc_all, layer = carry
 
-            def update(k, v):
+            def update(kT, v):
                 # Write the new slots in place: the whole cache rides in the scan carry, so XLA
                 # updates it without copying; then read this layer's keys back.
-                at = (layer, 0, 0, cache.index, 0)
-                kc = jax.lax.dynamic_update_slice(kc_all, k[None].astype(kc_all.dtype), at)
-                vc = jax.lax.dynamic_update_slice(vc_all, v[None].astype(vc_all.dtype), at)
+                kc, vc = write_slots(kc_all, vc_all, kT, v, layer=(layer,))
                 return kc[layer], vc[layer], (kc, vc)
 
             x, (kc_all, vc_all) = block(x, lp, update)
@@ -365,7 +432,26 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
         (x_BTD, k_all, v_all, _), _ = jax.lax.scan(body, init, layers)
         new_cache = KVCache(k_all, v_all, key_mask_BS, cache.index + T)
 
+    if last_only:
+        x_BTD = x_BTD[:, -1:]
     return rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps), new_cache
+
+
+def _new_cache(k: Any, v: Any, mask_BT: jax.Array, slots: int) -> KVCache:
+    """A cache of `slots` slots holding the keys and values of T prompt tokens (index T).
+
+    `k` / `v` are [L, B, K, H, T] / [L, B, K, T, H] arrays or tuples of per-layer arrays.
+    """
+    T = mask_BT.shape[1]
+
+    def pad(a, axis):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, slots - T)
+        return jnp.pad(a, widths)
+
+    k = jax.tree.map(lambda a: pad(a, a.ndim - 1), k)  # slots are the last axis of keys
+    v = jax.tree.map(lambda a: pad(a, a.ndim - 2), v)
+    return KVCache(k, v, pad(mask_BT, 1), jnp.asarray(T, jnp.int32))
 
 
 def output_logits(params: Params, h_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.model import KVCache, hidden_states, init_cache, output_logits, positions_from_mask
+from models.model import KVCache, hidden_states, output_logits, positions_from_mask
 
 # Below this many logits (B x C x V) the head runs in one piece without remat.
 WHOLE_LOGITS_LIMIT = 64 * 1024 * 1024
@@ -122,12 +122,12 @@ def grouped_logprobs_and_entropy(
     B, C = completion_BC.shape
     G = B // N
     pm = prompt_mask_NP.astype(jnp.bool_)
-    cache = init_cache(cfg, N, P + C)
-    h_prompt, cache = hidden_states(params, prompt_NP, positions_from_mask(pm), cfg, mask_BT=pm, cache=cache)
+    h_prompt, cache = hidden_states(params, prompt_NP, positions_from_mask(pm), cfg, mask_BT=pm, fill_cache=P + C,
+                                    last_only=True)
     cache = _repeat_cache(cache, G)
     start_B = jnp.repeat(pm.sum(axis=1, dtype=jnp.int32), G)
     positions = start_B[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
     h_comp, _ = hidden_states(params, completion_BC, positions, cfg,
                               mask_BT=completion_mask_BC.astype(jnp.bool_), cache=cache)
-    h_BCD = jnp.concatenate([jnp.repeat(h_prompt[:, -1:], G, axis=0), h_comp[:, :-1]], axis=1)
+    h_BCD = jnp.concatenate([jnp.repeat(h_prompt, G, axis=0), h_comp[:, :-1]], axis=1)
     return _completion_head(params, cfg, h_BCD, completion_BC, temperature, with_entropy, chunk)

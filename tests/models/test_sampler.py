@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from models import hf_io
-from models.model import forward, init_cache, positions_from_mask, token_logprobs
+from models.model import forward, hidden_states, init_cache, positions_from_mask, token_logprobs, unstack_layers
 from models.sampler import bucket_length, categorical, generate
 
 
@@ -40,6 +40,33 @@ def test_cached_decoding_equals_teacher_forcing(llama):
     assert int(cache.index) == 14
     diff = jnp.abs(cached - full)[mask]
     assert float(diff.max()) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3"])
+def test_prefill_fills_the_cache_the_step_path_would(hf_dirs, variant):
+    """fill_cache + last_only (prompts attend among themselves; the last layer finishes only the
+    last position) gives the hidden state and cache of a cached forward, stacked or unstacked and
+    fused (qkv biases for qwen2, q/k norms for qwen3)."""
+    cfg, params = hf_io.load_hf_checkpoint(hf_dirs[variant])
+    rng = np.random.RandomState(1)
+    tokens = jnp.asarray(rng.randint(3, cfg.vocab_size, (3, 9)))
+    mask = jnp.ones((3, 9), bool).at[1, :5].set(False)
+    pos = positions_from_mask(mask)
+    ref_h, ref_cache = hidden_states(params, tokens, pos, cfg, mask_BT=mask, cache=init_cache(cfg, 3, 13))
+    for p in (params, unstack_layers(params), unstack_layers(params, fuse=True)):
+        h, cache = hidden_states(p, tokens, pos, cfg, mask_BT=mask, fill_cache=13, last_only=True)
+        assert h.shape == (3, 1, cfg.hidden_size) and int(cache.index) == 9
+        np.testing.assert_allclose(np.asarray(h), np.asarray(ref_h[:, -1:]), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(cache.mask_BS), np.asarray(ref_cache.mask_BS))
+        k, v = (jnp.stack(x) if isinstance(x, tuple) else x for x in (cache.k, cache.v))
+        assert k.shape == ref_cache.k.shape and v.shape == ref_cache.v.shape  # keys [L, B, K, H, S]
+        real = np.asarray(mask)[None, :, None, :]  # pad slots hold pad keys, never attended
+        kd = np.abs(np.asarray(k - ref_cache.k))[..., :9] * real[:, :, :, None, :]
+        vd = np.abs(np.asarray(v - ref_cache.v))[:, :, :, :9] * real[..., None]
+        assert kd.max() < 1e-5 and vd.max() < 1e-5
+        assert not np.asarray(k)[..., 9:].any() and not np.asarray(v)[:, :, :, 9:].any()
+    with pytest.raises(ValueError, match="shorter than the 9 tokens"):
+        hidden_states(params, tokens, pos, cfg, mask_BT=mask, fill_cache=8)
 
 
 @pytest.mark.parametrize("variant", ["qwen2", "llama3"])

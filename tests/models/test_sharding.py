@@ -101,3 +101,32 @@ def test_export_from_sharded_params_round_trips(hf_dirs, tmp_path):
     _, back = hf_io.load_hf_checkpoint(out)
     for a, b in zip(jax.tree.leaves(params_s), jax.tree.leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sampling_splits_rows_over_data_devices(hf_dirs):
+    from models.sampler import batch_sharding, generate
+
+    cfg, params = hf_io.load_hf_checkpoint(hf_dirs["llama3"])
+    _, params_d = hf_io.load_hf_checkpoint(hf_dirs["llama3"], mesh=make_mesh(8, 1, 1))
+    sharding, shards = batch_sharding(params_d)
+    assert shards == 8 and sharding.spec == jax.sharding.PartitionSpec(("data",), None)
+    assert batch_sharding(params) == (None, 1)
+    # 3 prompts do not divide over 8 devices: filler rows are added, then dropped
+    prompts = [[5, 6, 7], [8, 9], [4, 4, 4, 4]]
+    kw = dict(key=jax.random.key(3), max_new_tokens=6, num_samples=2, temperature=0.9, ignore_stop=True)
+    a, b = generate(params, cfg, prompts, **kw), generate(params_d, cfg, prompts, **kw)
+    assert b.tokens.shape == (6, 6) and b.prompt_tokens.shape == a.prompt_tokens.shape
+    assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+
+
+def test_sampling_devices_follow_the_cache_rule(monkeypatch):
+    from models import sampler
+
+    devices = jax.devices()
+    assert sampler.last_level_cache_bytes() is None or sampler.last_level_cache_bytes() > 0
+    monkeypatch.setattr(sampler, "last_level_cache_bytes", lambda: 32 * 2**20)
+    assert sampler.sampling_devices(16 * 2**20, devices) == list(devices)  # a replica fits: every core
+    assert sampler.sampling_devices(120 * 2**20, devices) == list(devices[:1])  # it does not: one device
+    monkeypatch.setattr(sampler, "last_level_cache_bytes", lambda: None)
+    assert sampler.sampling_devices(1, devices) == list(devices[:1])
