@@ -1,4 +1,9 @@
-"""Multi-host start-up: `jax.distributed.initialize` when asked to.
+"""Process start-up from the environment: CPU device count, and `jax.distributed.initialize`.
+
+`configure_cpu_devices` splits a CPU-only host into one XLA device per core
+(``JAXSQL_CPU_DEVICES``): XLA:CPU spreads one small matmul over two cores
+poorly, while two devices that each decode half of the batch keep both
+busy, so the sampler runs data parallel over them (`models.sampler`).
 
 On a Cloud TPU pod every host runs the same command; `tpu_scripts/launch.sh`
 sets ``JAXSQL_DISTRIBUTED=1`` and JAX reads the coordinator from the TPU
@@ -9,11 +14,47 @@ name them explicitly.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from typing import MutableMapping
 
 from jaxsql.errors import ConfigError
 
 _initialized = False
+
+CPU_DEVICES_ENV = "JAXSQL_CPU_DEVICES"
+MAX_AUTO_CPU_DEVICES = 8
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+
+
+def configure_cpu_devices(environ: MutableMapping[str, str] | None = None) -> int | None:
+    """Set the number of XLA CPU devices before JAX starts; returns the number set (None: left alone).
+
+    ``JAXSQL_CPU_DEVICES`` is ``auto`` (default) or a positive integer. Auto
+    gives one device per core available to this process, at most
+    `MAX_AUTO_CPU_DEVICES`, and does nothing when an accelerator plugin
+    (CUDA, ROCm, TPU) is installed: there the CPU devices do no work. A count
+    the user already chose (``JAX_NUM_CPU_DEVICES``, or
+    ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``) wins. Has
+    no effect once JAX has created its backends, so the CLI calls it first.
+    """
+    env = os.environ if environ is None else environ
+    if "JAX_NUM_CPU_DEVICES" in env or "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):
+        return None
+    requested = env.get(CPU_DEVICES_ENV, "auto").strip().lower()
+    if requested == "auto":
+        if any(importlib.util.find_spec(m) is not None for m in _ACCELERATOR_PLUGINS):
+            return None
+        count = min(len(os.sched_getaffinity(0)), MAX_AUTO_CPU_DEVICES)
+    else:
+        try:
+            count = int(requested)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ConfigError(f"{CPU_DEVICES_ENV} must be 'auto' or a positive integer, got {env[CPU_DEVICES_ENV]!r}")
+    env["JAX_NUM_CPU_DEVICES"] = str(count)
+    return count
 
 
 def initialize_from_env() -> bool:

@@ -4,7 +4,8 @@
 warm-up call (compilation excluded) and, optionally, transformers'
 ``generate`` on the same weights with the same sampling settings and a
 fixed length (``min_new_tokens``), in the same process, so the ratio is
-taken under the same machine load.
+taken under the same machine load; each side's figure is the median of
+`repeats` timed runs.
 
 `bench_hf_memory` runs import and export of a checkpoint in fresh
 subprocesses and reports the peak RSS (``resource.getrusage``) above the
@@ -26,15 +27,24 @@ from typing import Any
 def bench_generate(model_dir: str | Path, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 64,
                    ignore_eos: bool = True, compare_hf: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, top_k: int = 0, greedy: bool = False, seed: int = 0,
-                   dtype: str | None = None) -> dict[str, Any]:
-    """Generated tokens per second of jaxsql (and transformers with `compare_hf`)."""
+                   dtype: str | None = None, repeats: int = 3, mesh=None) -> dict[str, Any]:
+    """Generated tokens per second of jaxsql (and transformers with `compare_hf`).
+
+    The parameters are replicated on `mesh` (default: one device), and
+    `generate` splits the batch over its devices (data parallel; the CLI's
+    ``--devices auto`` picks them with `models.sampler.sampling_devices`).
+    Each side is timed `repeats` times after its warm-up; the medians give
+    the tokens/s and the ratio.
+    """
     import jax
     import numpy as np
 
     from models.hf_io import load_hf_checkpoint
     from models.sampler import generate
 
-    cfg, params = load_hf_checkpoint(model_dir, param_dtype=dtype)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cfg, params = load_hf_checkpoint(model_dir, param_dtype=dtype, mesh=mesh)
     rng = np.random.RandomState(seed)
     low = 3 if cfg.vocab_size > 3 else 0
     prompts = rng.randint(low, cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -44,27 +54,33 @@ def bench_generate(model_dir: str | Path, *, batch: int = 32, prompt_len: int = 
     t0 = time.perf_counter()
     jax.block_until_ready(generate(params, cfg, prompts, key=jax.random.key(seed), **kwargs))
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(generate(params, cfg, prompts, key=jax.random.key(seed + 1), **kwargs))
-    elapsed = time.perf_counter() - t0
-    generated = int(np.asarray(out.lengths).sum())
+    seconds, generated = [], 0
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(generate(params, cfg, prompts, key=jax.random.key(seed + 1 + r), **kwargs))
+        seconds.append(time.perf_counter() - t0)
+        generated = int(np.asarray(out.lengths).sum())
+    elapsed = float(np.median(seconds))
     result: dict[str, Any] = {
         "model": str(model_dir), "architecture": cfg.architecture, "params": cfg.num_params(),
         "param_dtype": cfg.param_dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "ignore_eos": ignore_eos, "temperature": temperature, "top_p": top_p, "top_k": top_k, "greedy": greedy,
-        "backend": jax.default_backend(), "devices": len(jax.devices()),
+        "backend": jax.default_backend(), "devices": 1 if mesh is None else mesh.size, "repeats": repeats,
         "jaxsql_first_call_s": round(compile_s, 3), "jaxsql_seconds": round(elapsed, 3),
+        "jaxsql_seconds_all": [round(x, 3) for x in seconds],
         "jaxsql_generated_tokens": generated, "jaxsql_tokens_per_s": round(generated / elapsed, 1),
     }
     if compare_hf:
         result.update(_bench_hf(model_dir, prompts, new_tokens=new_tokens, ignore_eos=ignore_eos,
                                 temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seed=seed,
-                                pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+                                pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0, repeats=repeats))
         result["speedup_vs_hf"] = round(result["jaxsql_tokens_per_s"] / result["hf_tokens_per_s"], 2)
     return result
 
 
-def _bench_hf(model_dir, prompts, *, new_tokens, ignore_eos, temperature, top_p, top_k, greedy, seed, pad_id):
+def _bench_hf(model_dir, prompts, *, new_tokens, ignore_eos, temperature, top_p, top_k, greedy, seed, pad_id,
+              repeats):
+    import numpy as np
     import torch
     import transformers
 
@@ -78,15 +94,19 @@ def _bench_hf(model_dir, prompts, *, new_tokens, ignore_eos, temperature, top_p,
     if ignore_eos:
         gen["min_new_tokens"] = new_tokens
     torch.manual_seed(seed)
+    seconds = []
     with torch.no_grad():
         model.generate(ids[:, :8], **{**gen, "max_new_tokens": 2, "min_new_tokens": 0,
                                       "attention_mask": torch.ones_like(ids[:, :8])})  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(ids, **gen)
-        elapsed = time.perf_counter() - t0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **gen)
+            seconds.append(time.perf_counter() - t0)
+    elapsed = float(np.median(seconds))
     new = out[:, ids.shape[1]:]
     generated = int(new.numel()) if ignore_eos else int((new != pad_id).sum())
-    return {"hf_seconds": round(elapsed, 3), "hf_generated_tokens": generated,
+    return {"hf_seconds": round(elapsed, 3), "hf_seconds_all": [round(x, 3) for x in seconds],
+            "hf_generated_tokens": generated,
             "hf_tokens_per_s": round(generated / elapsed, 1), "torch_threads": torch.get_num_threads(),
             "transformers_version": transformers.__version__, "torch_version": torch.__version__}
 

@@ -13,6 +13,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from jaxsql.distributed import configure_cpu_devices
 from jaxsql.errors import JaxsqlError
 
 COMMAND_MODULES = (
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        configure_cpu_devices()  # before any command starts JAX
         return int(func(args) or 0)
     except JaxsqlError as e:
         print(f"error: {e}", file=sys.stderr)

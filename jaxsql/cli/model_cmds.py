@@ -13,6 +13,9 @@ from pathlib import Path
 
 from jaxsql.errors import JaxsqlError, UsageError
 
+DEVICES_HELP = ("devices to split the samples over (data parallel): 'auto' (all accelerators; on CPU, one "
+                "device per core when the weights fit in the last-level cache, else one) or a count N")
+
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to `sub` and benchmarks to `bench`."""
@@ -38,6 +41,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="parameter/compute dtype")
     p.add_argument("--json", action="store_true", help="print JSON lines with token ids and log-probs")
+    p.add_argument("--devices", default="auto", help=DEVICES_HELP)
     p.set_defaults(func=_generate)
 
     m = sub.add_parser("model", help="model utilities")
@@ -68,6 +72,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the medians are reported")
+    p.add_argument("--devices", default="auto", help=DEVICES_HELP)
     p.set_defaults(func=_bench_generate)
 
     p = bench.add_parser("hf-memory", help="peak RSS of HF import/export (subprocesses), JSON")
@@ -115,6 +121,33 @@ def load_tokenizer(model_dir: str | Path, vocab_size: int):
     return tok
 
 
+def sampling_mesh(model_dir: str | Path, args: argparse.Namespace):
+    """A data-parallel mesh for sampling: ``--devices auto`` (`models.sampler.sampling_devices`) or N.
+
+    The parameters are replicated on it and `generate` splits the rows over it.
+    """
+    import jax
+    import numpy as np
+
+    from jaxsql.sharding import make_mesh
+    from models.config import load_hf_config
+    from models.sampler import sampling_devices
+
+    available = jax.devices()
+    if args.devices == "auto":
+        cfg = load_hf_config(model_dir)
+        devices = sampling_devices(cfg.num_params() * np.dtype(args.dtype or cfg.param_dtype).itemsize, available)
+    else:
+        try:
+            count = int(args.devices)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= len(available):
+            raise UsageError(f"--devices must be 'auto' or 1..{len(available)} (local devices), got {args.devices!r}")
+        devices = available[:count]
+    return make_mesh(data=len(devices), devices=devices)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -124,7 +157,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.greedy and (args.temperature != 1.0 or args.top_p != 1.0 or args.top_k != 0):
         raise UsageError("--greedy cannot be combined with --temperature/--top-p/--top-k")
-    cfg, params = load_hf_checkpoint(args.model, param_dtype=args.dtype)
+    cfg, params = load_hf_checkpoint(args.model, param_dtype=args.dtype, mesh=sampling_mesh(args.model, args))
     tok = load_tokenizer(args.model, cfg.vocab_size)
     prompts = [tok.encode(p) for p in args.prompt]
     stop = set(cfg.eos_token_ids)
@@ -171,10 +204,12 @@ def _model_init(args: argparse.Namespace) -> int:
 def _bench_generate(args: argparse.Namespace) -> int:
     from models.benchmarks import bench_generate
 
-    result = bench_generate(args.model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    result = bench_generate(args.model, mesh=sampling_mesh(args.model, args), batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                             ignore_eos=args.ignore_eos, compare_hf=args.compare_hf, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
-                            dtype=args.dtype)
+                            dtype=args.dtype, repeats=args.repeats)
     print(json.dumps(result))
     return 0
 

@@ -82,3 +82,17 @@ def test_bench_generate_compare_hf(tiny_dir, capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["jaxsql_generated_tokens"] == r["hf_generated_tokens"] == 8
     assert r["speedup_vs_hf"] > 0 and r["jaxsql_tokens_per_s"] > 0
+    assert len(r["jaxsql_seconds_all"]) == len(r["hf_seconds_all"]) == r["repeats"] == 3
+
+
+def test_devices_option(tiny_dir, capsys):
+    import jax
+
+    assert main(["bench", "generate", "--model", str(tiny_dir), "--batch", "4", "--prompt-len", "8",
+                 "--new-tokens", "3", "--devices", "2", "--repeats", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["devices"] == 2 and r["jaxsql_generated_tokens"] == 12
+    for bad in ("0", str(len(jax.devices()) + 1), "all"):
+        assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--devices", bad]) == 2
+        assert "--devices must be 'auto' or 1.." in capsys.readouterr().err
+    assert main(["bench", "generate", "--model", str(tiny_dir), "--repeats", "0"]) == 2
