@@ -10,6 +10,8 @@ reward, ``loss_type="grpo"`` and group-std scaling as jaxsql's side.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +82,8 @@ def run_trl(model_dir: str | Path, texts: Sequence[str], *, steps: int, warmup: 
             return out_
 
         trainer._generate_and_score_completions = timed
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # TRL prints its metrics dict; stdout is our JSON
+            trainer.train()
     s = step_times[warmup:]
     g = gen_times[warmup:len(step_times)]
     mean = float(np.mean(s))
