@@ -109,6 +109,19 @@ def categorical(key: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.A
     return jnp.minimum(b * block + j, V - 1)
 
 
+def first_argmax(x_BV: jax.Array) -> jax.Array:
+    """Index of each row's largest value, the first one on ties (as `jnp.argmax`).
+
+    Two plain reductions (max, then min over the matching indices): XLA:CPU
+    runs `jnp.argmax`'s paired value-index reduction about 4x slower (339 us
+    against 87 us on [32, 4096]). A row with no match (NaN) gives the last
+    index.
+    """
+    V = x_BV.shape[-1]
+    hit = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(V), V), axis=-1), V - 1)
+
+
 def sample_token(logits_BV: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row; returns (token [B], model log-prob at the temperature [B])."""
     logits = logits_BV.astype(jnp.float32)
@@ -118,7 +131,7 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, sp: SamplingParams) -> tu
     if sp.ignore_stop and sp.stop_ids:
         scaled = scaled.at[:, jnp.asarray(sp.stop_ids)].set(-jnp.inf)
     if sp.greedy:
-        token = jnp.argmax(scaled, axis=-1)
+        token = first_argmax(scaled)
     else:
         filtered = scaled
         if sp.top_k > 0 or sp.top_p < 1.0:

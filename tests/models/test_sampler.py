@@ -149,3 +149,12 @@ def test_stacked_and_unstacked_decoding_agree(llama):
     b = generate(params, cfg, [[4, 5, 6], [7]], unstack=False, **kw)
     assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+
+
+def test_first_argmax_matches_argmax_with_ties():
+    from models.sampler import first_argmax
+
+    x = jax.random.normal(jax.random.key(0), (64, 4096))
+    x = x.at[3, 10].set(9.0).at[3, 20].set(9.0).at[5].set(0.0)  # a tie, and an all-equal row
+    np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
+    assert int(first_argmax(x)[3]) == 10 and int(first_argmax(x)[5]) == 0
