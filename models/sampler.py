@@ -276,7 +276,10 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if rows_sharding is None:
         tokens_NP, mask_NP = jnp.asarray(tokens_NP), jnp.asarray(mask_NP)
     else:
-        tokens_NP, mask_NP = jax.device_put(tokens_NP, rows_sharding), jax.device_put(mask_NP, rows_sharding)
+        # Every process holds the same host rows and contributes its own devices' shards, so this
+        # also builds the global arrays of a multi-host mesh.
+        tokens_NP, mask_NP = (jax.make_array_from_callback(a.shape, rows_sharding, lambda idx, a=a: a[idx])
+                              for a in (tokens_NP, mask_NP))
     if unstack is None:
         unstack = jax.default_backend() == "cpu"
     run_cfg = cfg
