@@ -158,3 +158,19 @@ def test_first_argmax_matches_argmax_with_ties():
     x = x.at[3, 10].set(9.0).at[3, 20].set(9.0).at[5].set(0.0)  # a tie, and an all-equal row
     np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.asarray(jnp.argmax(x, axis=-1)))
     assert int(first_argmax(x)[3]) == 10 and int(first_argmax(x)[5]) == 0
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sample_token_logprob_is_the_unmasked_models(greedy):
+    """One exp pass gives log_softmax(logits / T)[token], also when masked stop tokens dominate."""
+    from models.sampler import SamplingParams, sample_token
+
+    logits = jax.random.normal(jax.random.key(5), (6, 300)) * 3
+    logits = logits.at[0, 7].set(500.0).at[1, 8].set(-500.0)  # a stop token 500 nats above the rest
+    sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, greedy=greedy, stop_ids=(7, 8), ignore_stop=True)
+    token, logprob = sample_token(logits, jax.random.key(6), sp)
+    scaled = logits / (1.0 if greedy else 0.7)
+    expected = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    assert not np.isin(np.asarray(token), [7, 8]).any()
+    np.testing.assert_allclose(np.asarray(logprob), np.asarray(expected), rtol=1e-5, atol=1e-4)
+    assert float(logprob[0]) < -400  # the model wanted to stop; the forced token is that unlikely
