@@ -482,10 +482,8 @@ def _phase_data(d: DemoDir, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _phase_sft(d: DemoDir, clock: Clock, deadline: float, say) -> dict[str, Any]:
-    """Drive `rl.sft.SftTrainer` step by step (progress, budget; its `run()` has no per-step hook)."""
-    import jax
-
-    from rl.sft import SftTrainer, sft_rows
+    """Drive `rl.sft.SftTrainer` step by step (its `run()` has no budget or per-step hook)."""
+    from rl.sft import SftTrainer
 
     config = sft_run_config(d)
     run_dir = Path(config.run_dir)
@@ -501,11 +499,8 @@ def _phase_sft(d: DemoDir, clock: Clock, deadline: float, say) -> dict[str, Any]
             if time.time() > deadline:
                 stopped = True
                 break
-            rows = sft_rows(next(trainer.iterator), trainer.encoder, config.data.max_target_len,
-                            trainer.eos_id, trainer.pad_id)
-            trainer.state, out = trainer.train_step(trainer.state, trainer.train_step.place_batch(rows))
+            m, _ = trainer.step()
             step += 1
-            m = {k: float(v) for k, v in jax.device_get(out).items()}
             d.log_metrics("sft", step, _scalars(m, ("loss", "grad_norm", "tokens")))
             bar.update(loss=m["loss"])
             if step % config.checkpoint.every_steps == 0:

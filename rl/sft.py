@@ -78,6 +78,17 @@ class SftTrainer:
         return setup.save_run(self.checkpointer, step, self.state, self.rng, self.iterator,
                               self.config.to_dict(), self.model_cfg, "sft")
 
+    def step(self) -> tuple[dict[str, float], float]:
+        """One update on the next batch: (the train step's metrics as floats, tokens in the batch).
+
+        `run` loops over it; callers with their own loop (the demo's budget and
+        progress) call it directly, then `save` and `export`.
+        """
+        batch = sft_rows(next(self.iterator), self.encoder, self.config.data.max_target_len, self.eos_id,
+                         self.pad_id)
+        self.state, out = self.train_step(self.state, self.train_step.place_batch(batch))
+        return {k: float(v) for k, v in jax.device_get(out).items()}, float(batch["mask"].sum())
+
     def run(self) -> dict[str, Any]:
         """Train to `config.steps`; returns a summary with the per-step metrics."""
         import time
@@ -90,12 +101,10 @@ class SftTrainer:
             with MetricsWriter(self.run_dir, tensorboard=c.tensorboard) as writer, PreemptionGuard() as guard:
                 while step < c.steps:
                     t0 = time.perf_counter()
-                    batch = sft_rows(next(self.iterator), self.encoder, c.data.max_target_len,
-                                     self.eos_id, self.pad_id)
-                    self.state, out = self.train_step(self.state, self.train_step.place_batch(batch))
-                    m = {f"train/{k}": float(v) for k, v in jax.device_get(out).items()}
+                    out, batch_tokens = self.step()
+                    m = {f"train/{k}": v for k, v in out.items()}
                     m["time/step_s"] = time.perf_counter() - t0
-                    m["tokens_per_s"] = float(batch["mask"].sum()) / m["time/step_s"]
+                    m["tokens_per_s"] = batch_tokens / m["time/step_s"]
                     step += 1
                     history.append(m)
                     if step % c.log_every == 0 or step == c.steps:
