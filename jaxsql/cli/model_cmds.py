@@ -206,10 +206,11 @@ def _bench_generate(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
-    result = bench_generate(args.model, mesh=sampling_mesh(args.model, args), batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                            ignore_eos=args.ignore_eos, compare_hf=args.compare_hf, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
-                            dtype=args.dtype, repeats=args.repeats)
+    result = bench_generate(args.model, mesh=sampling_mesh(args.model, args), batch=args.batch,
+                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, ignore_eos=args.ignore_eos,
+                            compare_hf=args.compare_hf, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, greedy=args.greedy, seed=args.seed, dtype=args.dtype,
+                            repeats=args.repeats)
     print(json.dumps(result))
     return 0
 
