@@ -162,7 +162,8 @@ def test_first_argmax_matches_argmax_with_ties():
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_sample_token_logprob_is_the_unmasked_models(greedy):
-    """One exp pass gives log_softmax(logits / T)[token], also when masked stop tokens dominate."""
+    """The log-prob is the unmasked model's log_softmax(logits / T)[token], also when the masked stop
+    tokens dominate, and no masked token is drawn."""
     from models.sampler import SamplingParams, sample_token
 
     logits = jax.random.normal(jax.random.key(5), (6, 300)) * 3
