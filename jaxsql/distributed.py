@@ -89,3 +89,97 @@ def initialize_from_env() -> bool:
     jax.distributed.initialize(**kwargs)
     _initialized = True
     return True
+
+
+# --- helpers for code that runs the same on one process and on a pod -----------------------
+#
+# Every process of a multi-host run executes the same program. Rows of a batch
+# are split between processes (each holds the rows its devices own), so code
+# that moves data between the host and the mesh, writes files, or takes a
+# decision that changes the number of device calls goes through these helpers
+# instead of ad-hoc `jax.device_put` / `jax.process_index()` calls.
+
+
+def process_index() -> int:
+    """This process's index (0 on a single host)."""
+    import jax
+
+    return int(jax.process_index())
+
+
+def process_count() -> int:
+    """How many processes take part in the run (1 on a single host)."""
+    import jax
+
+    return int(jax.process_count())
+
+
+def is_lead_process() -> bool:
+    """True on the one process that writes logs, metrics, reports and exports (process 0)."""
+    return process_index() == 0
+
+
+def to_global(local_rows, sharding, global_shape=None):
+    """A global `jax.Array` on `sharding` from this process's rows.
+
+    `local_rows` (host array) holds the rows of the global array that this
+    process's devices own, in order; on one process that is the whole array.
+    `global_shape` defaults to the local shape with the leading dimension
+    multiplied by the number of processes that hold distinct rows.
+    """
+    import jax
+    import numpy as np
+
+    local_rows = np.asarray(local_rows)
+    if process_count() == 1:
+        return jax.device_put(local_rows, sharding)
+    return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
+
+
+def to_host(x):
+    """The whole value of a (possibly multi-host) `jax.Array` as a numpy array on every process."""
+    import jax
+    import numpy as np
+
+    if process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x):
+    """This process's rows of a global array whose leading axis is split over processes,
+    as a numpy array (the inverse of `to_global`)."""
+    import numpy as np
+
+    if process_count() == 1:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:  # replicas of one row block on several local devices
+            seen.add(start)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts, axis=0)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on at least one (a stop signal, a budget,
+    a refill): all processes then take the same branch and make the same device calls."""
+    if process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
+    return bool(np.asarray(flags).max())
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (no-op on one process)."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
