@@ -1,11 +1,16 @@
 """Attention implementations, chosen by `ModelConfig.attention`.
 
-| name | runs on | what it is |
-|---|---|---|
-| ``xla`` | every backend; the CPU default | `models.model.attention`, the reference: einsums with the [B, K, G, T, S] float32 scores in memory |
-| ``cudnn`` | NVIDIA GPU, bf16/fp16 compute | `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention, scores never in memory |
-| ``splash`` | TPU | the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) |
-| ``auto`` | | CPU: xla. GPU: cudnn when the compute dtype is bfloat16/float16 (cuDNN has no float32 flash kernel), else xla. TPU: splash when the kernel can be placed (one device, or a mesh set with `jax.set_mesh`), else xla |
+- ``xla`` (every backend; the CPU default): `models.model.attention`, the
+  reference: einsums with the [B, K, G, T, S] float32 scores in memory.
+- ``cudnn`` (NVIDIA GPU, bfloat16/float16 compute):
+  `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash
+  attention; the scores never sit in memory.
+- ``splash`` (TPU): the Pallas splash-attention kernel
+  (`jax.experimental.pallas.ops.tpu.splash_attention`).
+- ``auto``: CPU: xla. GPU: cudnn when the compute dtype is bfloat16 or
+  float16 (cuDNN has no float32 flash kernel), else xla. TPU: splash when the
+  kernel can be placed (one device, or a mesh set with `jax.set_mesh`), else
+  xla.
 
 A named implementation that cannot run where it is asked to (cudnn off a CUDA
 GPU or in float32, splash off a TPU or on several TPU devices without a mesh

@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the medians are reported")
     p.add_argument("--devices", default="auto", help=DEVICES_HELP)
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn", "splash"], default=None,
+                   help="attention implementation (default: the model config's, auto; see docs/model.md)")
     p.set_defaults(func=_bench_generate)
 
     p = bench.add_parser("hf-memory", help="peak RSS of HF import/export (subprocesses), JSON")
@@ -210,7 +212,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, ignore_eos=args.ignore_eos,
                             compare_hf=args.compare_hf, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, greedy=args.greedy, seed=args.seed, dtype=args.dtype,
-                            repeats=args.repeats)
+                            repeats=args.repeats, attention=args.attention)
     print(json.dumps(result))
     return 0
 
