@@ -48,10 +48,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     msub = m.add_subparsers(dest="model_command", metavar="ACTION")
     m.set_defaults(func=lambda args: _help(m))
     p = msub.add_parser("init", help="write a randomly initialised checkpoint of a preset (no torch needed)")
-    p.add_argument("--preset", required=True, help="tiny | mid")
+    p.add_argument("--preset", required=True,
+                   help="tiny | mid, or a released model's shape: qwen2.5-0.5b | qwen3-4b | qwen2.5-coder-7b | qwen2.5-14b")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=["qwen2", "qwen3", "llama"], default="qwen2")
+    p.add_argument("--family", choices=["qwen2", "qwen3", "llama"], default=None,
+                   help="architecture family (default: the preset's; qwen2 for tiny and mid)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
     p.add_argument("--test-tokenizer", action="store_true",
@@ -196,10 +198,13 @@ def _model_init(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.test_tokenizer:
             tok_dir = save_test_tokenizer(tmp)
-        overrides = {"architecture": FAMILIES[args.family], "param_dtype": args.dtype, "compute_dtype": args.dtype}
+        overrides = {"param_dtype": args.dtype, "compute_dtype": args.dtype}
+        if args.family is not None:
+            overrides["architecture"] = FAMILIES[args.family]
         save_random_checkpoint(args.out, args.preset, seed=args.seed, tokenizer_dir=tok_dir,
                                overwrite=args.overwrite, **overrides)
-    print(json.dumps({"out": str(args.out), "preset": args.preset, "family": args.family, "seed": args.seed}))
+    family = args.family or preset(args.preset).family
+    print(json.dumps({"out": str(args.out), "preset": args.preset, "family": family, "seed": args.seed}))
     return 0
 
 
