@@ -105,10 +105,10 @@ def interpret_kernels() -> Iterator[None]:
 
 
 def _is_cuda() -> bool:
+    """An NVIDIA GPU backend (JAX names ROCm GPUs "gpu" too; their platform version says rocm)."""
     if jax.default_backend() != "gpu":
         return False
-    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
-    return "cuda" in version or "rocm" not in version
+    return "rocm" not in str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
 
 
 def _context_mesh():
