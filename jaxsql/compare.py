@@ -17,6 +17,7 @@ metrics are None ("needs its own execution").
 from __future__ import annotations
 
 import bisect
+import calendar
 import collections
 import dataclasses
 import datetime
@@ -213,10 +214,15 @@ def qatch_score(pred: Rows, gold: Rows) -> float:
 
 # ---------------------------------------------------------------------------
 # denotation match, our variant (lenient parsing); the official one is jaxsql.official.wikitq
-_DATE_FORMATS = (
-    "%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%B %d, %Y", "%b %d, %Y", "%d %B %Y", "%d %b %Y",
-    "%B %d %Y", "%b %d %Y", "%Y-%m", "%B %Y", "%b %Y",
-)
+_MONTH_NUMBERS = {name.lower(): i for names in (calendar.month_name, calendar.month_abbr)
+                  for i, name in enumerate(names) if name}
+# The shapes of the strptime formats %Y-%m-%d, %Y/%m/%d, %Y-%m, %d/%m/%Y, %B %d, %Y, %B %d %Y,
+# %d %B %Y and %B %Y (%b for abbreviated month names), matched without strptime's cost.
+_ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})(?:-(\d{1,2}))?|(\d{4})/(\d{1,2})/(\d{1,2})")
+_DMY_SLASH = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
+_MONTH_DAY_YEAR = re.compile(r"([A-Za-z]+) (\d{1,2}),? (\d{4})")
+_DAY_MONTH_YEAR = re.compile(r"(\d{1,2}) ([A-Za-z]+) (\d{4})")
+_MONTH_YEAR = re.compile(r"([A-Za-z]+) (\d{4})")
 _DATE_MAX_CHARS = 64
 _GROUPED_NUMBER = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")
 _PLAIN_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -248,21 +254,42 @@ def parse_number(text: str) -> float | None:
 def parse_date(text: str) -> tuple[int, int, int] | None:
     """``(year, month, day)`` of a date string (ISO, ``May 3, 2010``, ``3 May 2010``...); -1 for a missing part.
 
-    Strings longer than 64 characters are not dates.
+    Accepted: ``YYYY-MM-DD``, ``YYYY/MM/DD``, ``YYYY-MM``, ``DD/MM/YYYY``,
+    ``Month D, YYYY``, ``Month D YYYY``, ``D Month YYYY``, ``Month YYYY``
+    (full or abbreviated English month names, any case), an ordinal suffix on
+    the day and a trailing time of day ignored; the date must exist. Strings
+    longer than 64 characters are not dates.
     """
     if len(text) > _DATE_MAX_CHARS:
         return None
-    s = _SPACES.sub(" ", text.strip())
+    s = text.strip()
+    if not s or not (s[0].isdigit() or s.split(None, 1)[0].lower() in _MONTH_NUMBERS):
+        return None  # every accepted shape starts with a digit or a month name
+    s = _SPACES.sub(" ", s)
     s = _TIME_OF_DAY.sub("", s)  # a time of day carries no date information
     s = _ORDINAL.sub(r"\1", s)
-    for fmt in _DATE_FORMATS:
-        try:
-            d = datetime.datetime.strptime(s, fmt)
-        except ValueError:
-            continue
-        has_day = "%d" in fmt
-        return (d.year, d.month, d.day if has_day else -1)
+    m = _ISO_DATE.fullmatch(s)
+    if m is not None:
+        y, mo, d = (m.group(1), m.group(2), m.group(3)) if m.group(1) else (m.group(4), m.group(5), m.group(6))
+        return _checked_date(y, mo, d)
+    m = _DMY_SLASH.fullmatch(s)
+    if m is not None:
+        return _checked_date(m.group(3), m.group(2), m.group(1))
+    for pattern, order in ((_MONTH_DAY_YEAR, "mdy"), (_DAY_MONTH_YEAR, "dmy"), (_MONTH_YEAR, "my")):
+        m = pattern.fullmatch(s)
+        if m is not None:
+            parts = dict(zip(order, m.groups()))
+            month = _MONTH_NUMBERS.get(parts["m"].lower())
+            return None if month is None else _checked_date(parts["y"], str(month), parts.get("d"))
     return None
+
+
+def _checked_date(year: str, month: str, day: str | None) -> tuple[int, int, int] | None:
+    try:
+        date = datetime.date(int(year), int(month), int(day) if day else 1)
+    except ValueError:
+        return None
+    return date.year, date.month, date.day if day else -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,7 +231,8 @@ def to_value(original: str, canonical: str | None = None) -> Value:
         if ymd[1] == ymd[2] == -1:
             return number_value(ymd[0], original)
         return Value("date", ymd, normalize(original) if original else _date_text(ymd))
-    return Value("string", normalize(original), normalize(original))
+    text = normalize(original)
+    return Value("string", text, text)
 
 
 def _date_text(ymd: tuple[int, int, int]) -> str:
