@@ -174,3 +174,52 @@ def test_score_batch_length_mismatch(tiny_db):
     ex = Example(id="q", db_path=str(tiny_db), question="q", gold_sql="SELECT 1")
     with SqlPool(1) as pool, pytest.raises(JaxsqlError, match="2 completions but 1 examples"):
         score_batch(pool, ["a", "b"], [ex], RewardConfig())
+
+
+EMPTY = res()
+
+
+def test_gated_reward_as_released():
+    f = REWARDS["gated"]
+    # the gate opens at a QATCH score of exactly 1, not at EX: reordered columns score 1 here
+    assert f(ctx(res(("a", 1), ("b", 2)))) == 1.0
+    assert f(ctx(DUP), buckets=True) == 0.9 and f(ctx(FAR, gold=GOLD20), buckets=True) == 0.1
+    assert f(ctx(res((1, "a"), (7, "q"))), buckets=True) == 0.8  # cp_cr_tc 0.667 -> the 0.5..0.8 bucket
+    assert f(ctx(DUP), score="bird_ex") == 1.0 and f(ctx(FAR), score="bird_ex") == 0.1
+    released_format = "<THINK>plan</THINK>\n<answer></answer>"  # case-insensitive, empty answer allowed
+    assert f(ctx(DUP, completion=released_format)) == Q_DUP
+    with pytest.raises(ConfigError, match="score"):
+        RewardConfig(weights={"gated": 1.0}, params={"gated": {"score": "ex"}})
+
+
+def test_format_shapes():
+    f = REWARDS["format"]
+    loose = "<think>a</think><answer></answer>"
+    assert f(ctx(GOLD, completion=loose)) == 1.0  # Think2SQL's released check
+    assert f(ctx(GOLD, completion=loose), shape="think_answer_strict") == 0.0  # ours: non-empty answer
+
+
+def test_arctic_judges_with_bird_set_ex():
+    f = REWARDS["arctic"]
+    swapped = res(("a", 1), ("b", 2))
+    assert f(ctx(swapped)) == 0.1  # BIRD's set EX: column order matters
+    assert f(ctx(swapped), match="ex_bag_rowfree") == 1.0
+    assert f(ctx(DUP)) == 1.0  # ... and duplicates do not
+
+
+@pytest.mark.parametrize("guard,expected", [
+    ("correct", {"execution": 1.0, "qatch": 1.0, "gated": 1.0, "arctic": 1.0}),
+    ("wrong", {"execution": 0.0, "qatch": 0.0, "gated": 0.1, "arctic": 0.1}),
+    ("neutral", {"execution": 0.25, "qatch": 0.25, "gated": 0.25, "arctic": 0.25}),
+])
+def test_empty_result_guard(guard, expected):
+    cfg = RewardConfig(weights=dict.fromkeys(expected, 1.0), empty_result=guard, empty_value=0.25)
+    c = RewardContext(GOOD_FORMAT, "SELECT a FROM t WHERE 0", EMPTY, EMPTY, "SELECT a FROM t WHERE 0", None,
+                      cfg.empty_result, cfg.empty_value)
+    assert combined_reward(c, cfg)[1] == expected
+    assert is_correct(c) is (guard == "correct")
+    # a non-empty gold result is unaffected
+    d = RewardContext(GOOD_FORMAT, "x", GOLD, GOLD, "SELECT a FROM t", None, guard, 0.25)
+    assert combined_reward(d, cfg)[1] == dict.fromkeys(expected, 1.0)
+    with pytest.raises(ConfigError, match="empty_result"):
+        RewardConfig(empty_result="ignore")
