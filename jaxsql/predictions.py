@@ -270,8 +270,11 @@ def write_outputs(out_dir: Path, source: str, split: str | None, examples: Seque
     rows = list(result.rows)
     pred_path = write_predictions(out_dir, source, split, examples, rows)
     report = markdown(result)
+    limits = {k: sum(1 for r in rows if r.get("limit") == k) for k in ("deadline", "vm_steps", "rows", "bytes")}
+    gold_steps = [r["gold_vm_steps"] for r in rows if r.get("gold_vm_steps") is not None]
     metrics = {
         "summary": result.summary, "breakdowns": result.breakdowns, "skipped": result.skipped,
+        "limits": limits, "gold_vm_steps_max": max(gold_steps) if gold_steps else None,
         "problems": problems.to_json() if problems is not None else None,
         "missing_ids": [r["id"] for r in rows if r.get("error") == "missing"],
         "budgets": dict(budgets), "config": dict(config), "predictions_file": pred_path.name,

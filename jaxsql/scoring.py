@@ -288,6 +288,8 @@ def _score_one(ex: Example, pred: Prediction, step: dict[str, Any], got: list[Ex
                 "executed": result.ok and not pred.missing,
                 "error": "missing" if pred.missing else result.error,
                 "error_message": "" if pred.missing else result.message,
+                "limit": result.limit, "vm_steps": result.vm_steps,
+                "gold_vm_steps": gold.vm_steps if gold is not None else None,
                 "scoring_timeout": timed_out})
     row.update(metrics)
     if gold is not None and not gold.ok:

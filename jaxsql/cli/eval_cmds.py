@@ -20,8 +20,12 @@ from typing import Any, Sequence
 
 from jaxsql.errors import JaxsqlError, UsageError
 
-#: Wall-clock limit per query in evaluation (BIRD's evaluator allows 30 s by default).
-DEFAULT_EVAL_TIMEOUT_S = 30.0
+#: The budget that decides whether a slow query times out in evaluation: SQLite VM instructions,
+#: the same on every machine at any load (about 5 s of SQLite work on an idle core).
+DEFAULT_EVAL_VM_STEPS = 500_000_000
+#: Wall-clock limit per query in evaluation: only a guard against a stuck machine, well above
+#: what the VM-step budget takes even on a busy one, so that it does not decide.
+DEFAULT_EVAL_TIMEOUT_S = 300.0
 SOURCES = ("bird", "spider", "geoquery", "text2sql", "wikitq", "temptabqa_c", "jsonl", "synthetic")
 PREDICTION_FORMATS = ("auto", "bird", "spider", "jsonl", "tsv")
 #: `rl.evaluate.SELECTORS` by name (kept here so that ``jaxsql --help`` does not import rl).
@@ -64,8 +68,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--devices", default="auto", help="devices to split generation over: auto or N")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     s = p.add_argument_group("scoring")
+    s.add_argument("--max-vm-steps", type=int, default=DEFAULT_EVAL_VM_STEPS, metavar="N",
+                   help=f"SQLite VM-instruction budget per query, reproducible at any load "
+                        f"(default {DEFAULT_EVAL_VM_STEPS:,}; 0: none)")
     s.add_argument("--timeout", type=float, default=DEFAULT_EVAL_TIMEOUT_S, metavar="SECONDS",
-                   help=f"wall-clock limit per query (default {DEFAULT_EVAL_TIMEOUT_S:g})")
+                   help=f"wall-clock limit per query, a guard against a stuck machine "
+                        f"(default {DEFAULT_EVAL_TIMEOUT_S:g})")
     s.add_argument("--score-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="host-side scoring deadline per example (default 10)")
     s.add_argument("--workers", type=int, default=None, help="SQL pool threads (default: CPU cores)")
@@ -131,6 +139,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')}: must be a positive number of seconds, got {v}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers: must be >= 1, got {args.workers}")
+    if args.max_vm_steps < 0:
+        raise UsageError(f"--max-vm-steps: must be >= 0 (0: no budget), got {args.max_vm_steps}")
     if args.predictions is not None:
         return
     if args.select == "greedy" and args.n not in (None, 1):
@@ -151,6 +161,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
     """What defines a run (a rerun with the same values resumes)."""
     cfg: dict[str, Any] = {"data": dataclasses.asdict(spec), "timeout_s": args.timeout,
+                           "max_vm_steps": args.max_vm_steps or None,
                            "keep_distinct": args.keep_distinct, "test_suite": not args.no_test_suite}
     if args.predictions is not None:
         cfg.update(predictions=str(Path(args.predictions).resolve()), format=args.format)
@@ -271,10 +282,10 @@ def _evaluate_model(args: argparse.Namespace, model: tuple[Any, Any, Any], examp
 def _pool(args: argparse.Namespace):
     from jaxsql.sql import SqlPool
 
-    return SqlPool(args.workers, timeout_s=args.timeout)
+    return SqlPool(args.workers, timeout_s=args.timeout, max_vm_steps=args.max_vm_steps or None)
 
 
 def _budgets(pool: Any) -> dict[str, Any]:
     """The execution budgets every query ran under (both reported in metrics.json)."""
-    return {"timeout_s": pool.timeout_s, "max_vm_steps": getattr(pool, "max_vm_steps", None),
-            "max_rows": pool.max_rows, "max_bytes": pool.max_bytes}
+    return {"timeout_s": pool.timeout_s, "max_vm_steps": pool.max_vm_steps, "max_rows": pool.max_rows,
+            "max_bytes": pool.max_bytes}

@@ -62,7 +62,8 @@ def test_gold_vs_gold_bird_layout(capsys, tmp_path, bird_root):
     assert set(m["breakdowns"]) == {"simple", "moderate", "challenging"}
     assert m["breakdowns"]["challenging"]["n"] == 2 and m["breakdowns"]["simple"]["bird_ex"] == 1.0
     assert json.loads((tmp_path / "o" / "predict_dev.json").read_text()) == data
-    assert m["budgets"]["timeout_s"] == 30.0 and "max_vm_steps" in m["budgets"]
+    assert m["budgets"]["timeout_s"] == 300.0 and m["budgets"]["max_vm_steps"] == 500_000_000
+    assert m["limits"] == {"deadline": 0, "vm_steps": 0, "rows": 0, "bytes": 0} and m["gold_vm_steps_max"] >= 0
     assert {x["name"] for x in m["metrics"]} >= set(EX_METRICS)
 
 
@@ -128,6 +129,20 @@ def test_wikitq_gold_answers_score_100_percent(capsys, tmp_path, real_data, layo
     assert m["wikitq_canonical_forms"] == "computed"
     written = (tmp_path / "o" / "predictions.tsv").read_text().splitlines()
     assert written[0].split("\t")[0] == examples[0].id and len(written) == len(examples)
+
+
+def test_the_vm_step_budget_decides_and_is_reported(capsys, tmp_path, spider_root):
+    loop = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    sqls = [loop] + [sql for _, sql, _ in QUESTIONS[1:]]
+    args = ("--predictions", spider_file(tmp_path, sqls), "--data", f"spider:{spider_root}", "--max-vm-steps",
+            200_000)
+    assert run(capsys, *args, "--out", tmp_path / "a")[0] == 0
+    assert run(capsys, *args, "--out", tmp_path / "b", "--workers", 1)[0] == 0
+    a, b = rows(tmp_path / "a")[0], rows(tmp_path / "b")[0]
+    assert a["error"] == "timeout" and a["limit"] == "vm_steps" and a["vm_steps"] == b["vm_steps"] >= 200_000
+    m = metrics(tmp_path / "a")
+    assert m["budgets"]["max_vm_steps"] == 200_000 and m["limits"]["vm_steps"] == 1
+    assert m["summary"]["bird_ex"] == 0.9 and m["config"]["max_vm_steps"] == 200_000
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -214,7 +229,7 @@ def test_bad_model_and_output_directories(capsys, tmp_path, spider_root):
     code, _, err = run(capsys, "--predictions", tmp_path / "none.sql", "--data", f"spider:{spider_root}",
                        "--out", tmp_path / "o3")
     assert code == 1 and "file not found" in err and not (tmp_path / "o3").exists()
-    for flag, value in (("--timeout", "inf"), ("--timeout", "0"), ("--workers", "0")):
+    for flag, value in (("--timeout", "inf"), ("--timeout", "0"), ("--workers", "0"), ("--max-vm-steps", "-1")):
         code, _, err = run(capsys, "--predictions", pred, "--data", f"spider:{spider_root}", flag, value,
                            "--out", tmp_path / "o4")
         assert code == 2 and flag in err and not (tmp_path / "o4").exists()
