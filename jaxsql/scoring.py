@@ -329,6 +329,46 @@ def _tsv_unescape(x: str) -> str:
 
 
 
+class ScoringRun:
+    """The rows of one evaluation: those already in `log`, plus each batch scored now.
+
+    `add` appends a batch's rows to the log as soon as they are scored (so an
+    interrupted run loses at most the batch in flight) and advances the
+    progress bar; `result` closes the bar and summarises every example.
+    Use as a context manager so that the bar is closed on errors too.
+    """
+
+    def __init__(self, examples: Sequence[Example], log: ResultsLog | None = None, progress: bool = False) -> None:
+        self.examples = examples
+        self.log = log
+        done = log.rows if log is not None else {}
+        self.rows: dict[str, dict[str, Any]] = {e.id: done[e.id] for e in examples if e.id in done}
+        self._bar = progress_bar(len(examples), len(self.rows), progress)
+
+    def __enter__(self) -> "ScoringRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+    def is_done(self, example: Example) -> bool:
+        """Whether `example` already has a row."""
+        return example.id in self.rows
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Record freshly scored rows (log first, then memory and the bar)."""
+        if self.log is not None:
+            self.log.append(rows)
+        for r in rows:
+            self.rows[r["id"]] = r
+        self._bar.update(len(rows))
+
+    def result(self) -> EvalResult:
+        """The `EvalResult` of every example, in input order."""
+        self._bar.close()
+        return result_of([self.rows[e.id] for e in self.examples])
+
+
 def score_all(pool: Any, examples: Sequence[Example], predictions: Sequence[Prediction],
               options: ScoringOptions = ScoringOptions(), log: ResultsLog | None = None,
               progress: bool = False, chunk: int = 256) -> EvalResult:
@@ -336,22 +376,12 @@ def score_all(pool: Any, examples: Sequence[Example], predictions: Sequence[Pred
     and appending the new rows to it as each chunk finishes."""
     if len(examples) != len(predictions):
         raise JaxsqlError(f"score_all: {len(predictions)} predictions but {len(examples)} examples")
-    done = log.rows if log is not None else {}
-    rows = {e.id: done[e.id] for e in examples if e.id in done}
-    todo = [i for i, e in enumerate(examples) if e.id not in done]
-    bar = progress_bar(len(examples), len(rows), progress)
-    try:
+    with ScoringRun(examples, log, progress) as run:
+        todo = [i for i, e in enumerate(examples) if not run.is_done(e)]
         for start in range(0, len(todo), chunk):
             idx = todo[start:start + chunk]
-            scored = score_predictions(pool, [examples[i] for i in idx], [predictions[i] for i in idx], options)
-            if log is not None:
-                log.append(scored)
-            for r in scored:
-                rows[r["id"]] = r
-            bar.update(len(scored))
-    finally:
-        bar.close()
-    return result_of([rows[e.id] for e in examples])
+            run.add(score_predictions(pool, [examples[i] for i in idx], [predictions[i] for i in idx], options))
+        return run.result()
 
 
 class _NoBar:

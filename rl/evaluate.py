@@ -26,7 +26,7 @@ from data.records import Example
 from jaxsql.errors import JaxsqlError
 from jaxsql.extract import extract_sql
 from jaxsql.scoring import (  # noqa: F401 - re-exported: the demo and its tests import them from here
-    EvalResult, Prediction, ResultsLog, ScoringOptions, breakdown, progress_bar, result_of, score_predictions,
+    EvalResult, Prediction, ResultsLog, ScoringOptions, ScoringRun, breakdown, result_of, score_predictions,
     summarise,
 )
 from jaxsql.sql.result import ExecResult
@@ -178,18 +178,15 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise JaxsqlError("evaluate: num_samples, batch_size and max_new_tokens must be >= 1")
     schema = schema or schema_cache()
-    done = log.rows if log is not None else {}
     stop = {int(s) for s in cfg.eos_token_ids}
     if getattr(tokenizer, "eos_token_id", None) is not None:
         stop.add(int(tokenizer.eos_token_id))
     stop_ids = tuple(sorted(stop))
     chunks = [list(range(s, min(s + batch_size, len(examples)))) for s in range(0, len(examples), batch_size)]
-    bar = progress_bar(len(examples), sum(1 for e in examples if e.id in done), progress)
-    rows: dict[str, dict[str, Any]] = {e.id: done[e.id] for e in examples if e.id in done}
-    try:
+    with ScoringRun(examples, log, progress) as run:
         for k, idx in enumerate(chunks):
-            todo = [i for i in idx if examples[i].id not in done]
-            if not todo:
+            keep = [j for j, i in enumerate(idx) if not run.is_done(examples[i])]
+            if not keep:
                 continue
             chunk = [examples[i] for i in idx]
             prompts = encode_prompts(chunk, tokenizer, schema, prompt_format, max_prompt_len)
@@ -203,16 +200,8 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
             mean_lp = [float(np.sum(logprobs[r, : max(int(lengths[r]), 1)]) / max(int(lengths[r]), 1))
                        for r in range(len(texts))]
             preds = _select(strategy, pool, chunk, texts, mean_lp, num_samples)
-            keep = [j for j, i in enumerate(idx) if examples[i].id not in done]
-            scored = score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring)
-            if log is not None:
-                log.append(scored)
-            for r in scored:
-                rows[r["id"]] = r
-            bar.update(len(scored))
-    finally:
-        bar.close()
-    return result_of([rows[e.id] for e in examples])
+            run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
+        return run.result()
 
 
 def _select(strategy: SelectionStrategy, pool: Any, chunk: Sequence[Example], texts: Sequence[str],
