@@ -177,7 +177,9 @@ class ScoringOptions:
     Attributes:
       keep_distinct: the Spider test suite's ``--keep_distinct`` (off by default there).
       test_suite: run Spider's check on every ``*.sqlite`` of the database's
-        folder (the released evaluator does; a standard Spider folder has one).
+        folder, as the released evaluator does (``jaxsql eval`` turns it on for
+        the Spider layout, where such a folder is one database's test suite;
+        elsewhere a folder may hold unrelated databases).
       timeout_s: host-side scoring deadline per example; past it the
         prediction counts as failed (``scoring_timeout``).
       answer_canon: example id -> WikiTQ ``targetCanon`` of its gold answers
@@ -185,7 +187,7 @@ class ScoringOptions:
     """
 
     keep_distinct: bool = False
-    test_suite: bool = True
+    test_suite: bool = False
     timeout_s: float = DEFAULT_SCORE_TIMEOUT_S
     answer_canon: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
 

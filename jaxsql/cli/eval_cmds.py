@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     s.add_argument("--workers", type=int, default=None, help="SQL pool threads (default: CPU cores)")
     s.add_argument("--keep-distinct", action="store_true", help="Spider test suite's --keep_distinct")
     s.add_argument("--no-test-suite", action="store_true",
-                   help="Spider: check only the example's database, not every *.sqlite beside it")
+                   help="Spider layout: check only the example's database, not every *.sqlite beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
@@ -162,7 +162,7 @@ def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
     """What defines a run (a rerun with the same values resumes)."""
     cfg: dict[str, Any] = {"data": dataclasses.asdict(spec), "timeout_s": args.timeout,
                            "max_vm_steps": args.max_vm_steps or None,
-                           "keep_distinct": args.keep_distinct, "test_suite": not args.no_test_suite}
+                           "keep_distinct": args.keep_distinct, "test_suite": _test_suite(args, spec)}
     if args.predictions is not None:
         cfg.update(predictions=str(Path(args.predictions).resolve()), format=args.format)
     else:
@@ -173,6 +173,11 @@ def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
                    max_prompt_len=args.max_prompt_len, batch_size=args.batch_size,
                    schema_style=args.schema_style, sample_values=args.sample_values, dtype=args.dtype)
     return cfg
+
+
+def _test_suite(args: argparse.Namespace, spec: DataSpec) -> bool:
+    """Spider's test suite: every database beside the example's (the Spider layout only)."""
+    return spec.source == "spider" and not args.no_test_suite
 
 
 def _samples(args: argparse.Namespace) -> int:
@@ -230,7 +235,7 @@ def _eval(args: argparse.Namespace) -> int:
     if lead:
         _prepare_out(out, config)
     canon = answer_canon_from_tagged(spec.path) if spec.source == "wikitq" else {}
-    scoring = ScoringOptions(keep_distinct=args.keep_distinct, test_suite=not args.no_test_suite,
+    scoring = ScoringOptions(keep_distinct=args.keep_distinct, test_suite=_test_suite(args, spec),
                              timeout_s=args.score_timeout, answer_canon=canon)
     log = ResultsLog(out / RESULTS_FILE) if (lead or (out / RESULTS_FILE).exists()) else None
     with _pool(args) as pool:

@@ -112,14 +112,14 @@ def order_matters(prepared_gold_sql: str) -> bool:
 
 
 def test_suite_databases(db_path: str | os.PathLike) -> list[str]:
-    """Every file with ``.sqlite`` in its name in the database's folder, sorted (the test suite)."""
-    folder = Path(db_path).parent
+    """The database, then every other file with ``.sqlite`` in its name in its folder, sorted (the test suite)."""
+    own = Path(db_path)
     try:
-        names = sorted(n for n in os.listdir(folder) if ".sqlite" in n)
+        names = sorted(n for n in os.listdir(own.parent) if ".sqlite" in n)
     except OSError:
         return [str(db_path)]
-    paths = [str(folder / n) for n in names]
-    return paths if str(db_path) in paths else [str(db_path)] + paths
+    others = [str(own.parent / n) for n in names if n != own.name]
+    return [str(db_path)] + others
 
 
 def _unorder_row(row: Sequence[Any]) -> tuple[Any, ...]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import calendar
 import dataclasses
+import functools
 import math
 import re
 import unicodedata
@@ -372,6 +373,7 @@ def sutime_date(s: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=65_536)
 def canonical_form(original: str) -> str:
     """``targetCanon`` of one gold value as SEMPRE computed it (see the module docstring).
 

@@ -92,6 +92,21 @@ def test_the_official_rewrites_run_their_own_queries(capsys, tmp_path, spider_ro
     assert [x["spider_ex"] for x in rows(tmp_path / "o2")] == [False, False, True]
 
 
+def test_a_folder_of_unrelated_databases_is_no_test_suite(capsys, tmp_path):
+    # JSONL (and synthetic, WikiTQ) data keep many unrelated databases in one folder
+    make_db(tmp_path / "dbs" / "shop.sqlite")
+    make_db(tmp_path / "dbs" / "other.sqlite", items=[(9, "zzz", 0.5, "garden")])
+    data = tmp_path / "dbs" / "dev.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "db_path": "shop.sqlite", "question": q, "gold_sql": sql})
+                            + "\n" for i, (q, sql, _) in enumerate(QUESTIONS)))
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"id": f"q{i}", "sql": sql}) + "\n" for i, (_, sql, _) in enumerate(QUESTIONS)))
+    code, _, _ = run(capsys, "--predictions", pred, "--data", f"jsonl:{data}", "--out", tmp_path / "o")
+    assert code == 0
+    m = metrics(tmp_path / "o")
+    assert m["summary"]["spider_ex"] == 1.0 and m["config"]["test_suite"] is False
+
+
 def test_geoquery_gold_vs_gold(capsys, tmp_path, real_data):
     from data.readers import read_examples
 

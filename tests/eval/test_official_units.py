@@ -54,8 +54,9 @@ def test_spider_order_rule_is_textual():
 def test_spider_test_suite_databases(tmp_path):
     for name in ("db.sqlite", "db_alt.sqlite", "schema.sql", "notes.txt"):
         (tmp_path / name).write_text("")
-    assert spider.test_suite_databases(tmp_path / "db.sqlite") == [str(tmp_path / "db.sqlite"),
-                                                                   str(tmp_path / "db_alt.sqlite")]
+    assert spider.test_suite_databases(tmp_path / "db_alt.sqlite") == [str(tmp_path / "db_alt.sqlite"),
+                                                                       str(tmp_path / "db.sqlite")]
+    assert spider.test_suite_databases(tmp_path / "missing" / "db.sqlite") == [str(tmp_path / "missing" / "db.sqlite")]
 
 
 def _reference_result_eq(gold, pred, ordered):
