@@ -122,6 +122,49 @@ def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterru
     assert _order(run) == order_u
 
 
+def test_sigint_saves_like_sigterm(tiny_env, tmp_path, uninterrupted):
+    """Ctrl-C in the middle of a step: the step finishes, a checkpoint is saved, the run stops."""
+    params_u, _, _ = uninterrupted
+    run = tmp_path / "int"
+
+    def patch(trainer):
+        score = trainer._score
+        calls = []
+
+        def score_and_interrupt(*a):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return score(*a)
+
+        trainer._score = score_and_interrupt
+
+    out, _ = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}), patch=patch)
+    assert out["stopped"] and out["step"] == 2
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    out, params_r = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}), resume=True)
+    assert out["step"] == STEPS
+    _assert_same_params(params_u, params_r)
+
+
+def test_close_releases_what_the_trainer_acquired(tiny_env, tmp_path):
+    t = GrpoTrainer(_cfg(tiny_env, tmp_path / "own"))
+    pool, executor = t.pool, t._executor
+    t.close()
+    assert executor._shutdown and pool._closed
+    t.close()  # twice is fine
+    from jaxsql.sql import SqlPool
+
+    mine = SqlPool(1)
+    try:
+        with GrpoTrainer(_cfg(tiny_env, tmp_path / "given"), pool=mine) as t2:
+            assert t2.pool is mine
+        assert not mine._closed  # not the trainer's to close
+    finally:
+        mine.close()
+
+
 def test_refuses_existing_run_without_resume(tiny_env, uninterrupted):
     from jaxsql.errors import JaxsqlError
 
