@@ -37,7 +37,7 @@ import numpy as np
 
 Array = Any  # jax.Array or np.ndarray: host rows become device rows through the trainer's placement
 
-PER_ROW = ("advantages", "old_logp", "ref_logp", "sampler_logp", "targets", "loss_mask")
+PER_ROW = ("advantages", "old_logp", "ref_logp", "sampler_logp", "targets")
 
 
 def _fields(obj) -> dict[str, Array]:
@@ -51,21 +51,27 @@ def _split_rows(x, m: int):
     return x.reshape((n // m, m) + x.shape[1:]).swapaxes(0, 1)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _PerRow:
+    """The optional per-completion fields both layouts carry (keyword-only)."""
+
+    advantages: Array | None = None
+    old_logp: Array | None = None
+    ref_logp: Array | None = None
+    sampler_logp: Array | None = None
+    targets: Array | None = None
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Batch:
+class Batch(_PerRow):
     """Grouped rows: N prompts once, N*G completions (see the module docstring)."""
 
     prompt_tokens: Array
     prompt_mask: Array
     completion_tokens: Array
     completion_mask: Array
-    advantages: Array | None = None
-    old_logp: Array | None = None
-    ref_logp: Array | None = None
-    sampler_logp: Array | None = None
-    targets: Array | None = None
-    loss_mask: Array | None = None
+    loss_mask: Array | None = dataclasses.field(default=None, kw_only=True)
 
     @property
     def group_size(self) -> int:
@@ -88,7 +94,7 @@ class Batch:
         """The same rows as full ``[prompt | completion]`` rows (each prompt repeated G times)."""
         G = self.group_size
         xp = jnp if isinstance(self.prompt_tokens, jax.Array) else np
-        rest = {k: getattr(self, k) for k in PER_ROW if k != "loss_mask"}
+        rest = {k: getattr(self, k) for k in PER_ROW}
         return FlatBatch(
             tokens=xp.concatenate([xp.repeat(self.prompt_tokens, G, 0), self.completion_tokens], 1),
             mask=xp.concatenate([xp.repeat(self.prompt_mask, G, 0), self.completion_mask], 1),
@@ -143,7 +149,7 @@ class Batch:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FlatBatch:
+class FlatBatch(_PerRow):
     """Full rows ``[left-padded prompt | completion]``: ``tokens``/``mask`` [B, T] (real tokens),
     ``completion_mask`` [B, C] the positions scored among the last C columns, and the
     per-row fields of `Batch` over those C columns."""
@@ -151,11 +157,6 @@ class FlatBatch:
     tokens: Array
     mask: Array
     completion_mask: Array
-    advantages: Array | None = None
-    old_logp: Array | None = None
-    ref_logp: Array | None = None
-    sampler_logp: Array | None = None
-    targets: Array | None = None
 
     @property
     def completion_len(self) -> int:

@@ -92,8 +92,8 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
     cfg, params = load_hf_checkpoint(model_dir, mesh=mesh, param_dtype="float32")
     optim = OptimSection(learning_rate=learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, max_grad_norm=1.0)
     optimizer = make_optimizer(optim, steps + warmup)
-    sc = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(loss_agg="seq_mean_token_mean", eps_low=0.2, eps_high=0.2,
-                                               beta=beta, max_len=new_tokens))
+    sc = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(
+        loss_agg="seq_mean_token_mean", eps_low=0.2, eps_high=0.2, beta=beta, max_len=new_tokens))
     ts = TrainStep(cfg, sc, optimizer, mesh)
     ref = copy_tree(params) if beta else None
     state = init_state(params, optimizer, ts.state_shardings)

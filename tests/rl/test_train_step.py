@@ -80,8 +80,8 @@ def _shared_prompts(b, G=4):
     return b
 
 
-SC = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(loss_agg="token_mean", eps_high=0.28, beta=0.04, max_len=C,
-                                           tis_cap=2.0))
+SC = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(loss_agg="token_mean", eps_high=0.28, beta=0.04,
+                                                               max_len=C, tis_cap=2.0))
 
 
 def test_eight_devices_equal_one_device():
