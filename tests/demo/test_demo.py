@@ -174,3 +174,20 @@ def test_rerun_on_a_complete_directory_does_nothing(demo_run):
     assert any("already complete" in line for line in log)
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_report_names_the_cap_when_it_bites(tmp_path):
+    from rl.demo_report import write_report
+
+    settings = {"seed": 0, "n_train": 10, "n_dev": 5, "minutes": 30.0, "sft_batch": 32, "sft_examples": 10,
+                "sft_lr": 2e-3, "rl_questions": "new_databases", "rl_prompts": 16, "rl_generations": 8,
+                "rl_temperature": 1.0, "rl_lr": 1e-4, "rl_eps_low": 0.2, "rl_eps_high": 0.28, "rl_beta": 0.0,
+                "rl_loss_agg": "token_mean", "rl_advantage": "grpo", "rl_dynamic_sampling": True,
+                "reward": (1.0, 0.0, 0.0), "hidden_size": 192, "num_layers": 3, "num_heads": 4,
+                "num_kv_heads": 2, "prompt_len": 128, "max_new_tokens": 40}
+    phases = {"sft": {"steps": 110, "of_steps": 110, "stopped_early": False, "seconds": 50.0},
+              "rl": {"steps": 150, "of_steps": 200, "stopped_early": True, "seconds": 900.0},
+              "eval_sft": {"summary": {"ex_set": 0.19}}, "eval_rl": {"summary": {"ex_set": 0.3}}}
+    text = write_report(tmp_path / "report.md", settings, phases, 950.0, 2**31, demo.PHASES).read_text()
+    assert "| EX (set semantics) | 19.0% | 30.0% | +11.0 pts |" in text
+    assert text.count("cut by the time cap") == 1 and "(`--minutes 30`) at step 150 of 200" in text
