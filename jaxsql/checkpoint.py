@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, and a SIGTERM (preemption) guard.
+"""Orbax checkpoints of a training run, and a SIGTERM / SIGINT (preemption, Ctrl-C) guard.
 
 A checkpoint step directory holds two items:
 
@@ -10,7 +10,10 @@ A checkpoint step directory holds two items:
 
 Orbax writes each step into a temporary directory and renames it when the
 write is complete (atomic), so a run killed mid-save leaves the previous step
-as the latest; its temporary directories are never listed as steps.
+as the latest; its temporary directories are never listed as steps. A step
+damaged afterwards (a truncated file, a lost item) fails to restore with a
+`CheckpointError` naming it; `move_aside` renames it out of the step list so
+that a run can resume from the step before it.
 """
 
 from __future__ import annotations
@@ -126,9 +129,10 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:  # orbax raises many kinds; name the directory once
+            detail = " ".join(str(e).split())[:300]  # one line
             raise CheckpointError(
                 f"checkpoint {step_dir} cannot be restored (corrupt, incomplete or from a "
-                f"different model/optimizer): {type(e).__name__}: {str(e)[:300]}"
+                f"different model/optimizer): {type(e).__name__}: {detail}"
             ) from e
         meta = dict(restored["meta"])
         meta["data_state"] = _decode_data_state(meta.get("data_state"))
@@ -146,6 +150,18 @@ class Checkpointer:
         meta["data_state"] = _decode_data_state(meta.get("data_state"))
         return meta
 
+    def move_aside(self, step: int) -> Path:
+        """Rename step `step` to ``<step>.damaged`` (kept for inspection, no longer a step)."""
+        src = self.directory / str(step)
+        dst = src.with_name(f"{step}.damaged")
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = src.with_name(f"{step}.damaged{n}")
+        src.rename(dst)
+        self._manager.reload()
+        return dst
+
     def wait(self) -> None:
         """Block until any async save has been committed."""
         self._manager.wait_until_finished()
@@ -157,14 +173,15 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (TPU preemption, ``kill``) into a request checked at safe points.
+    """Turns SIGTERM (TPU preemption, ``kill``) and SIGINT (Ctrl-C) into a request checked
+    at safe points.
 
     The training loop calls `stop_requested` after each step; when True it saves
-    a checkpoint and exits cleanly. A second SIGTERM restores the default
+    a checkpoint and exits cleanly. A second signal restores the default
     action so a stuck process can still be killed. Use as a context manager.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self._signals = signals
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}

@@ -1,4 +1,9 @@
-"""Training metrics: JSONL lines, TensorBoard scalars, and a live progress bar."""
+"""Training metrics: JSONL lines, TensorBoard scalars, and a live progress bar.
+
+One writer (`MetricsWriter`) and one bar (`ProgressBar`) serve every
+trainer and the demo; `rl.loop` drives both from its hooks, on the lead
+process only.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 def _scalar(v: Any) -> float | None:
@@ -19,13 +24,17 @@ def _scalar(v: Any) -> float | None:
 
 class MetricsWriter:
     """Append one JSON line per step to ``<dir>/metrics.jsonl`` and, if asked,
-    write the same scalars to TensorBoard (tensorboardX) under ``<dir>/tb``.
+    write the same scalars to TensorBoard (tensorboardX) under ``<dir>/tb``
+    (or `tensorboard_dir`).
 
-    Non-finite values are written as JSON null (and skipped in TensorBoard),
-    so the JSONL stays strict JSON.
+    Rows written with a `phase` (the demo: ``sft``, ``rl``, ``eval``) carry a
+    ``phase`` key and their TensorBoard tags are ``phase/name``. Non-finite
+    values are written as JSON null (and skipped in TensorBoard), so the JSONL
+    stays strict JSON.
     """
 
-    def __init__(self, directory: str | Path, *, tensorboard: bool = True):
+    def __init__(self, directory: str | Path, *, tensorboard: bool = True,
+                 tensorboard_dir: str | Path | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
@@ -34,24 +43,30 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.directory / "tb"))
+            self._tb = SummaryWriter(str(tensorboard_dir or self.directory / "tb"))
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record `metrics` (name -> number) for `step`."""
+    def write(self, step: int, metrics: Mapping[str, Any], phase: str | None = None) -> None:
+        """Record `metrics` (name -> number) for `step` (of `phase`, if given)."""
         row: dict[str, Any] = {"step": int(step), "time": time.time()}
+        if phase is not None:
+            row["phase"] = phase
         for k, v in metrics.items():
             f = _scalar(v)
             row[k] = f if f is not None and math.isfinite(f) else None
             if self._tb is not None and row[k] is not None:
-                self._tb.add_scalar(k, row[k], int(step))
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+                self._tb.add_scalar(f"{phase}/{k}" if phase else k, row[k], int(step))
+        self._file.write(json.dumps(row, sort_keys=True, allow_nan=False) + "\n")
         self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         """Flush and close the files."""
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -60,24 +75,37 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics JSONL file."""
+def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
+    """All rows of a metrics JSONL file (of one `phase`, if given)."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    if not p.exists():
+        return []
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [r for r in rows if phase is None or r.get("phase") == phase]
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` of a duration (negative durations show as 0:00)."""
+    s = max(0, int(seconds))
+    return f"{s // 60}:{s % 60:02d}"
 
 
 class ProgressBar:
-    """A tqdm bar over training steps showing the live reward (and any other keys)."""
+    """A tqdm bar over training steps showing live metrics (and the time left of a budget)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True,
-                 show: tuple[str, ...] = ("reward/mean", "loss")):
+                 show: tuple[str, ...] = ("reward/mean", "loss"),
+                 time_left: Callable[[], float] | None = None):
+        import sys
+
         from tqdm import tqdm
 
         self._show = show
+        self._time_left = time_left
         self._bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled,
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
 
     def update(self, metrics: Mapping[str, Any]) -> None:
         """Advance one step and show the chosen metrics."""
@@ -85,9 +113,15 @@ class ProgressBar:
         for k in self._show:
             f = _scalar(metrics.get(k))
             if f is not None:
-                post[k.split("/")[0] if k.endswith("/mean") else k] = f"{f:.3f}"
+                post[k.split("/")[0] if k.endswith("/mean") else k.split("/")[-1]] = f"{f:.3f}"
+        if self._time_left is not None:
+            post["left"] = clock(self._time_left())
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
+
+    def write(self, line: str) -> None:
+        """Print `line` above the bar without breaking it."""
+        self._bar.write(line)
 
     def close(self) -> None:
         """Close the bar."""

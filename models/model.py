@@ -148,6 +148,31 @@ class KVCache(NamedTuple):
     mask_BS: jax.Array
     index: jax.Array
 
+    # Logical axes of each array (`jaxsql.sharding.ShardingRules` maps them onto the mesh, as
+    # for parameters): stacked keys [L, B, K, H, S], values [L, B, K, S, H].
+    K_AXES = ("layers", "batch", "kv_heads", "head_dim", "cache_seq")
+    V_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+
+    @classmethod
+    def axes(cls, num_layers: int | None = None) -> "KVCache":
+        """A KVCache of logical-axis tuples, one per array: of the stacked layout, or of the
+        per-layer layout (tuples of `num_layers` arrays without the ``layers`` axis)."""
+        if num_layers is None:
+            k, v = cls.K_AXES, cls.V_AXES
+        else:
+            k, v = (cls.K_AXES[1:],) * num_layers, (cls.V_AXES[1:],) * num_layers
+        return cls(k, v, ("batch", "cache_seq"), ())
+
+    def repeat_rows(self, times: int) -> "KVCache":
+        """Each row repeated `times` times, in place (rows r, r, ..., r+1, ...): a prompt's
+        cache for its G completions. Works for both layouts; the write index is shared."""
+        if isinstance(self.k, tuple):
+            k = tuple(jnp.repeat(a, times, axis=0) for a in self.k)
+            v = tuple(jnp.repeat(a, times, axis=0) for a in self.v)
+        else:
+            k, v = jnp.repeat(self.k, times, axis=1), jnp.repeat(self.v, times, axis=1)
+        return self._replace(k=k, v=v, mask_BS=jnp.repeat(self.mask_BS, times, axis=0))
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, per_layer: bool = False) -> KVCache:
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype).

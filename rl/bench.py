@@ -93,8 +93,8 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
     cfg, params = load_hf_checkpoint(model_dir, mesh=mesh, param_dtype="float32")
     optim = OptimSection(learning_rate=learning_rate, b1=0.9, b2=0.999, weight_decay=0.0, max_grad_norm=1.0)
     optimizer = make_optimizer(optim, steps + warmup)
-    sc = StepConfig(loss=algo.PolicyLossConfig(loss_agg="seq_mean_token_mean", eps_low=0.2, eps_high=0.2,
-                                               beta=beta, max_len=new_tokens))
+    sc = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(
+        loss_agg="seq_mean_token_mean", eps_low=0.2, eps_high=0.2, beta=beta, max_len=new_tokens))
     ts = TrainStep(cfg, sc, optimizer, mesh)
     ref = copy_tree(params) if beta else None
     state = init_state(params, optimizer, ts.state_shardings)
@@ -109,14 +109,14 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
         toks = np.asarray(jax.device_get(out.tokens))
         t1 = time.perf_counter()
         if ref is not None:  # dispatched before the host computes rewards
-            rows["ref_logp"] = completion_logprobs(ref, rows, cfg, 1.0)[0]
+            rows = rows.replace(ref_logp=completion_logprobs(ref, rows, cfg, 1.0)[0])
         rewards = np.asarray(cheap_reward(toks.tolist()), np.float32)
         adv = algo.compute_advantages("grpo", rewards, generations)
         t2 = time.perf_counter()
         if ref is not None:
-            jax.block_until_ready(rows["ref_logp"])
+            jax.block_until_ready(rows.ref_logp)
         t3 = time.perf_counter()
-        rows["advantages"] = jnp.asarray(adv)
+        rows = rows.replace(advantages=jnp.asarray(adv))
         state, metrics = ts(state, ts.place_batch(rows))
         jax.block_until_ready(metrics)
         t4 = time.perf_counter()
@@ -146,7 +146,7 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
 
         trl = run_trl(model_dir, texts, steps=steps, warmup=warmup, generations=generations,
                       prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, beta=beta,
-                      learning_rate=learning_rate, seed=seed)
+                      learning_rate=learning_rate, seed=seed, reward=cheap_reward)
         result.update(trl)
         result["trl_over_jaxsql"] = round(trl["trl_s_per_step"] / mean["step_s"], 2)
         result["jaxsql_peak_rss_note"] = "peak RSS is per process: after TRL runs it includes torch"

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -24,8 +24,11 @@ from jaxsql.errors import JaxsqlError
 
 def run_trl(model_dir: str | Path, texts: Sequence[str], *, steps: int, warmup: int, generations: int,
             prompts: int, prompt_len: int, new_tokens: int, beta: float, learning_rate: float,
-            seed: int = 0) -> dict[str, Any]:
-    """Seconds per TRL GRPO step (mean over `steps` after `warmup`) and a coarse breakdown."""
+            reward: Callable[[list[list[int]]], list[float]], seed: int = 0) -> dict[str, Any]:
+    """Seconds per TRL GRPO step (mean over `steps` after `warmup`) and a coarse breakdown.
+
+    `reward` maps completion token ids to rewards (the jaxsql side's, passed in by
+    `rl.bench` so this module does not import it back)."""
     try:
         import torch
         from datasets import Dataset
@@ -33,7 +36,6 @@ def run_trl(model_dir: str | Path, texts: Sequence[str], *, steps: int, warmup: 
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as e:
         raise JaxsqlError(f"--compare-trl needs TRL and its dependencies: {e}") from None
-    from rl.bench import cheap_reward
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -46,8 +48,8 @@ def run_trl(model_dir: str | Path, texts: Sequence[str], *, steps: int, warmup: 
     total = warmup + steps
     ds = Dataset.from_dict({"prompt": list(texts) * total})
 
-    def reward(prompts, completions, completion_ids, **kwargs):
-        return cheap_reward([list(map(int, ids)) for ids in completion_ids])
+    def trl_reward(prompts, completions, completion_ids, **kwargs):
+        return reward([list(map(int, ids)) for ids in completion_ids])
 
     step_times: list[float] = []
     gen_times: list[float] = []
@@ -71,7 +73,7 @@ def run_trl(model_dir: str | Path, texts: Sequence[str], *, steps: int, warmup: 
             # TRL 1.16 defaults to gradient checkpointing; off is its faster setting at these sizes
             gradient_checkpointing=False,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,
+        trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=ds,
                               processing_class=tok, callbacks=[Timer()])
         inner = trainer._generate_and_score_completions
 

@@ -200,12 +200,15 @@ class CheckpointSection:
       max_to_keep: keep the N most recent.
       async_save: write in the background.
       export_hf: write an HF checkpoint to ``<run_dir>/hf`` at the end.
+      fallback_to_previous: on resume, if the latest checkpoint cannot be restored (truncated,
+        damaged), move it aside and resume from the one before (``--resume-from-previous``).
     """
 
     every_steps: int = 50
     max_to_keep: int = 3
     async_save: bool = True
     export_hf: bool = True
+    fallback_to_previous: bool = False
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, "CheckpointSection", "every_steps", "must be >= 0")

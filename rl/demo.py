@@ -9,30 +9,33 @@ checkpoint of the phase it was in):
    and save it as a `transformers` tokenizer in ``DIR/tokenizer``; write the
    SFT examples and GRPO's answer-only questions (`DemoConfig.rl_questions`)
    as JSONL; save the random initial model (HF) in ``DIR/checkpoints/init``.
-2. ``sft``: supervised cold start (`rl.sft.SftTrainer`, driven step by step)
-   on the first ``sft_examples`` train examples, deliberately moderate.
+2. ``sft``: supervised cold start, `rl.sft.SftTrainer` with the recipe
+   ``rl/recipes/demo_sft.yaml``.
 3. ``eval_sft``: greedy decoding on the held-out dev split (`rl.evaluate`).
-4. ``rl``: GRPO (Shao et al. 2024; `rl.trainer.GrpoTrainer`, driven step by
-   step) with the ``execution`` reward computed from gold *answers* only
-   (weak supervision, Kulkarni & Srikumar 2025): the examples handed to the
-   reward have ``gold_sql=None``; the host `SqlPool` runs every sample.
-   Group-normalised advantages, DAPO dynamic sampling, token-mean loss,
-   clip-higher, beta = 0 (no reference model).
+4. ``rl``: GRPO, `rl.trainer.GrpoTrainer` with the recipe
+   ``rl/recipes/demo_grpo.yaml``: the ``execution`` reward computed from gold
+   *answers* only (weak supervision, Kulkarni & Srikumar 2025): the examples
+   handed to the reward have ``gold_sql=None``; the host `SqlPool` runs every
+   sample. A dev evaluation every `DemoConfig.eval_every` steps (an
+   `rl.loop.Evaluate` hook).
 5. ``eval_rl``: greedy dev evaluation of the RL policy.
 6. ``export``: HF checkpoint in ``DIR/hf_export`` (+ tokenizer) and, when
    transformers and torch are installed, a load-and-compare-logits check.
-7. ``report``: ``DIR/plot.png`` and ``DIR/report.md``.
+7. ``report``: ``DIR/plot.png`` and ``DIR/report.md`` (`rl.demo_report`).
 
-Metrics go to ``DIR/metrics.jsonl`` (one JSON object per line with a
-``phase`` key) and TensorBoard events under ``DIR/tensorboard``; orbax
-checkpoints in the trainers' run directories ``DIR/checkpoints/{sft,rl}``.
+Both trainers run through the one loop (`rl.loop`): the demo adds a budget
+hook and an evaluation hook and hands it the demo's one metrics writer, so
+``DIR/metrics.jsonl`` gets one JSON object per line with a ``phase`` key and
+TensorBoard events go to ``DIR/tensorboard``; orbax checkpoints live in the
+trainers' run directories ``DIR/checkpoints/{sft,rl}``. The phases run a
+fixed number of steps; the wall-clock budget (``--minutes``) is a cap that the
+report names when it bites.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,45 +45,43 @@ import numpy as np
 
 from jaxsql.config import require
 from jaxsql.errors import JaxsqlError
-from rl.demo_report import peak_memory_bytes, write_plot, write_report
+from jaxsql.metrics import clock
 
 MARKER = "jaxsql_demo.json"
 PHASES = ("data", "sft", "eval_sft", "rl", "eval_rl", "export", "report")
 PROMPT_FORMAT = "plain"
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Everything that defines a demo run (the budget `minutes` is not part of its identity).
+    """What the demo itself decides; SFT and GRPO settings come from their recipes.
 
     Attributes:
       seed: benchmark, initialisation, data order and sampling all derive from it.
-      minutes: wall-clock budget shared by the phases; a phase that would overrun
-        its share stops early and the report says so.
+      minutes: wall-clock cap shared by the phases (not part of a run's identity): SFT stops
+        at 60 % of it, GRPO leaves 15 % (at most 90 s) for evaluation and export; the
+        report names a phase the cap cut short.
       n_train, n_dev: synthetic benchmark size.
-      sft_examples: train examples (first N) used for SFT; RL draws from all of train.
+      sft_examples: train examples (first N) used for SFT; RL draws its own questions.
       vocab_size: tokenizer vocabulary.
-      hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the decoder.
-      prompt_len: prompts are left-padded (or left-truncated) to this many tokens.
-      max_new_tokens: completion length cap (SFT targets are cut to it).
-      sft_steps, sft_batch, sft_lr, sft_warmup: the cold start (AdamW, cosine to 10%).
+      hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the decoder
+        (random init, saved as ``DIR/checkpoints/init``).
       rl_questions: where GRPO's answer-only questions come from: "new_databases" (the train
         split of a second synthetic draw, seed + 1000: new databases and entity names, train
         value pools; questions of the dev split's held-out template-domain pairs or naming a
         value of a dev database are dropped) or "train" (the SFT split's questions again).
       rl_n_questions: size of the "new_databases" draw (before filtering).
-      rl_steps, rl_prompts, rl_generations: GRPO steps, prompts per step, G.
-      rl_temperature, rl_lr, rl_eps_high: sampling temperature, AdamW lr, clip-higher epsilon.
-      rl_dynamic_sampling: DAPO dynamic sampling (drop groups whose G rewards are equal, refill
-        from up to 2 more batches).
-      reward_correct, reward_wrong, reward_failed: `execution` reward values.
-      eval_every: dev evaluation every N RL steps (0 = only before and after).
+      eval_every: dev evaluation every N GRPO steps (0 = only before and after).
       eval_batch: prompts per greedy `generate` call.
-      ckpt_every: checkpoint every N steps in SFT and RL.
+      sft_recipe, rl_recipe: recipe files (names in ``rl/recipes/`` or paths).
+      sft_overrides, rl_overrides: ``key=value`` overrides of the recipes (the smoke run, tests).
     """
 
     seed: int = 0
-    minutes: float = 10.0
+    minutes: float = 30.0
     n_train: int = 2000
     n_dev: int = 300
     sft_examples: int = 2000
@@ -90,81 +91,82 @@ class DemoConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 576
-    prompt_len: int = 128
-    max_new_tokens: int = 40
-    sft_steps: int = 110
-    sft_batch: int = 32
-    sft_lr: float = 2e-3
-    sft_warmup: int = 20
     rl_questions: str = "new_databases"
     rl_n_questions: int = 2000
-    rl_steps: int = 200
-    rl_prompts: int = 16
-    rl_generations: int = 8
-    rl_temperature: float = 1.0
-    rl_lr: float = 1e-4
-    rl_eps_high: float = 0.28
-    rl_dynamic_sampling: bool = True
-    reward_correct: float = 1.0
-    reward_wrong: float = 0.0
-    reward_failed: float = 0.0
     eval_every: int = 25
     eval_batch: int = 100
-    ckpt_every: int = 25
+    sft_recipe: str = "demo_sft.yaml"
+    rl_recipe: str = "demo_grpo.yaml"
+    sft_overrides: tuple[str, ...] = ()
+    rl_overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         name = "DemoConfig"
         require(self.minutes > 0, name, "minutes", "must be > 0")
-        for f in ("n_train", "n_dev", "sft_examples", "sft_steps", "sft_batch", "rl_steps", "rl_prompts",
-                  "eval_batch", "ckpt_every", "max_new_tokens"):
+        for f in ("n_train", "n_dev", "sft_examples", "eval_batch"):
             require(getattr(self, f) >= 1, name, f, "must be >= 1")
+        require(self.eval_every >= 0, name, "eval_every", "must be >= 0")
         require(self.sft_examples <= self.n_train, name, "sft_examples", "must be <= n_train")
-        require(self.rl_generations >= 2, name, "rl_generations", "GRPO needs at least 2 samples per prompt")
         require(self.hidden_size % self.num_heads == 0, name, "hidden_size", "must be a multiple of num_heads")
         require((self.hidden_size // self.num_heads) % 2 == 0, name, "hidden_size",
                 "hidden_size / num_heads must be even (rotary embeddings)")
-        require(self.prompt_len >= 16, name, "prompt_len", "must be >= 16")
         require(self.rl_questions in ("new_databases", "train"), name, "rl_questions",
                 f"must be new_databases or train, got {self.rl_questions!r}")
+        for f in ("sft_recipe", "rl_recipe"):
+            require(recipe_path(getattr(self, f)).is_file(), name, f,
+                    f"no recipe {getattr(self, f)!r} (a name in {RECIPES} or a path)")
 
     def identity(self) -> dict[str, Any]:
-        """The fields a rerun on the same directory must agree with."""
+        """The settings a rerun on the same directory must agree with: the fields but the cap,
+        and the recipes' contents (not their file names)."""
+        import yaml
+
         d = dataclasses.asdict(self)
         d.pop("minutes")
+        for f in ("sft_recipe", "rl_recipe"):
+            d[f] = yaml.safe_load(recipe_path(d[f]).read_text())
+        d["sft_overrides"], d["rl_overrides"] = list(self.sft_overrides), list(self.rl_overrides)
         return d
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe name in ``rl/recipes/`` or a path."""
+    p = Path(name)
+    return p if p.is_file() or p.is_absolute() or len(p.parts) > 1 else RECIPES / name
 
 
 def smoke_config(seed: int = 0, minutes: float = 3.0) -> DemoConfig:
     """A few steps of every phase with a very small model (CI, tests)."""
+    small = ("data.max_target_len=12", "checkpoint.every_steps=2")
     return DemoConfig(seed=seed, minutes=minutes, n_train=120, n_dev=24, sft_examples=120, vocab_size=384,
                       hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                      prompt_len=128, max_new_tokens=12, sft_steps=3, sft_batch=8, sft_warmup=0,
-                      rl_n_questions=60, rl_steps=2, rl_prompts=2, rl_generations=2, rl_dynamic_sampling=False,
-                      eval_every=1, eval_batch=24,
-                      ckpt_every=2)
+                      rl_n_questions=60, eval_every=1, eval_batch=24,
+                      sft_overrides=small + ("steps=3", "data.batch_size=8", "optim.warmup_steps=0"),
+                      rl_overrides=small + ("steps=2", "data.batch_size=2", "sampling.num_generations=2",
+                                            "sampling.max_new_tokens=12", "algo.dynamic_sampling=false"))
 
 
 # --- the output directory and its marker ------------------------------------------------------
 
 
 class DemoDir:
-    """The demo's output directory: paths, the marker with phase records, the metrics files."""
+    """The demo's output directory: paths, the marker with phase records, the metrics file."""
 
     def __init__(self, out_dir: str | Path, config: DemoConfig):
         self.root = Path(out_dir)
         self.config = config
         self.marker = self.root / MARKER
         self._check_and_claim()
-        self._tb = None
-        self.progress = True
 
     def _check_and_claim(self) -> None:
+        from rl.run_dir import prepare_output_dir
+
         if self.root.exists() and not self.root.is_dir():
-            raise JaxsqlError(f"{self.root}: exists and is not a directory")
+            raise JaxsqlError(f"--out {self.root}: exists and is not a directory")
         if self.marker.exists():
             try:
                 state = json.loads(self.marker.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, OSError) as e:
                 raise JaxsqlError(f"{self.marker}: unreadable demo marker ({e}); choose another --out") from None
             old = state.get("config", {})
             diff = sorted(k for k, v in self.config.identity().items() if old.get(k) != v)
@@ -178,9 +180,12 @@ class DemoDir:
             raise JaxsqlError(
                 f"{self.root} is not empty and holds no {MARKER}: it is not a jaxsql demo directory; "
                 f"choose an empty or new --out directory (nothing was written)")
-        self.root.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(self.root, "--out")
         self.state = {"demo": "jaxsql", "config": self.config.identity(), "phases": {}}
-        self._save()
+        try:
+            self._save()
+        except OSError as e:
+            raise JaxsqlError(f"--out {self.root}: cannot write in it ({e.strerror or e})") from None
 
     def _save(self) -> None:
         tmp = self.marker.with_name(MARKER + ".tmp")
@@ -201,75 +206,20 @@ class DemoDir:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    def log_metrics(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
-        """Append a line to metrics.jsonl and the same scalars to TensorBoard as ``phase/name``."""
-        row: dict[str, Any] = {"phase": phase, "step": int(step), "time": time.time()}
-        for k, v in metrics.items():
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                continue
-            row[k] = f if math.isfinite(f) else None
-        with self.path("metrics.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-        if self._tb is None:
-            from tensorboardX import SummaryWriter
+    def metrics_writer(self):
+        """The demo's one metrics writer: ``metrics.jsonl`` (rows with a ``phase``) and
+        ``tensorboard/``; None on the processes that write no files."""
+        from jaxsql.distributed import is_lead_process
+        from jaxsql.metrics import MetricsWriter
 
-            self._tb = SummaryWriter(str(self.path("tensorboard")))
-        for k, v in row.items():
-            if k not in ("phase", "step", "time") and v is not None:
-                self._tb.add_scalar(f"{phase}/{k}", v, int(step))
-        self._tb.flush()
+        if not is_lead_process():
+            return None
+        return MetricsWriter(self.root, tensorboard=True, tensorboard_dir=self.path("tensorboard"))
 
     def read_metrics(self, phase: str | None = None) -> list[dict[str, Any]]:
-        p = self.path("metrics.jsonl")
-        if not p.exists():
-            return []
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        return [r for r in rows if phase is None or r.get("phase") == phase]
+        from jaxsql.metrics import read_metrics
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-class Clock:
-    """The shared wall-clock budget of one invocation."""
-
-    def __init__(self, minutes: float):
-        self.start = time.time()
-        self.budget = minutes * 60.0
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def left(self) -> float:
-        return self.budget - self.elapsed()
-
-    @staticmethod
-    def fmt(seconds: float) -> str:
-        s = max(0, int(seconds))
-        return f"{s // 60}:{s % 60:02d}"
-
-
-class Progress:
-    """One status line per phase: step, live metric, elapsed and time left."""
-
-    def __init__(self, phase: str, total: int, clock: Clock, initial: int = 0, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.clock = clock
-        self.bar = tqdm(total=total, initial=initial, desc=f"[{phase}]", dynamic_ncols=True,
-                        disable=not enabled, file=sys.stderr, mininterval=0.5)
-
-    def update(self, **shown: float) -> None:
-        post = " ".join(f"{k}={v:.3f}" for k, v in shown.items())
-        self.bar.set_postfix_str(f"{post} left={Clock.fmt(self.clock.left())}", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
+        return read_metrics(self.path("metrics.jsonl"), phase)
 
 
 # --- shared pieces of the phases ----------------------------------------------------------------
@@ -277,24 +227,27 @@ class Progress:
 
 @dataclasses.dataclass
 class _Context:
-    """What later phases need: the benchmark, tokenizer, model config, encoded dev prompts."""
+    """What later phases need: the benchmark, tokenizer, model config, evaluation lengths."""
 
     cfg: DemoConfig
     bench: Any
     tok: Any
     mcfg: Any
     schema: Callable[[str], str]
+    prompt_len: int
+    max_new_tokens: int
 
 
-def model_config(cfg: DemoConfig, tok: Any):
-    """The demo's decoder: Qwen2 architecture (loads in transformers), tied embeddings."""
+def model_config(cfg: DemoConfig, tok: Any, max_len: int):
+    """The demo's decoder: Qwen2 architecture (loads in transformers), tied embeddings; positions
+    for `max_len` tokens (prompt + completion) at least."""
     from models.config import ModelConfig
 
     return ModelConfig(
         vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.hidden_size // cfg.num_heads, rope_theta=10000.0, tie_word_embeddings=True,
-        max_position_embeddings=max(512, cfg.prompt_len + cfg.max_new_tokens),
+        max_position_embeddings=max(512, max_len),
         bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
 
 
@@ -306,7 +259,9 @@ def _context(d: DemoDir) -> _Context:
 
     bench = load_benchmark(d.path("data"))
     tok = AutoTokenizer.from_pretrained(str(d.path("tokenizer")))
-    return _Context(d.config, bench, tok, model_config(d.config, tok), schema_cache())
+    rl = rl_run_config(d)
+    P, C = rl.data.max_prompt_len, rl.sampling.max_new_tokens
+    return _Context(d.config, bench, tok, model_config(d.config, tok, P + C), schema_cache(), P, C)
 
 
 def weak_supervision(examples: Sequence[Any]) -> list[Any]:
@@ -384,45 +339,35 @@ def _rl_questions(d: DemoDir, bench) -> tuple[list[Any], dict[str, int]]:
     return kept, {"dropped_heldout": held, "dropped_dev_values": named}
 
 
-def sft_run_config(d: DemoDir):
-    """`rl.config.SftConfig` of the cold start (run directory ``DIR/checkpoints/sft``)."""
-    from rl.config import CheckpointSection, DataSection, MeshSection, ModelSection, OptimSection, SftConfig
+def _recipe_config(d: DemoDir, loader, recipe: str, overrides: Sequence[str], paths: dict[str, Path]):
+    from jaxsql.config import load_config
+
+    filled = [f"{k}={v}" for k, v in paths.items()] + list(overrides)
+    return load_config(loader, recipe_path(recipe), filled)
+
+
+def sft_run_config(d: DemoDir, progress: bool = False):
+    """`rl.config.SftConfig` of the cold start: the recipe with the demo's paths (run directory
+    ``DIR/checkpoints/sft``) and seed."""
+    from rl.config import SftConfig
 
     c = d.config
-    return SftConfig(
-        run_dir=str(d.path("checkpoints", "sft")),
-        model=ModelSection(path=str(d.path("checkpoints", "init")), tokenizer=str(d.path("tokenizer"))),
-        data=DataSection(source="jsonl", path=str(d.path("data", "sft.jsonl")), split="train",
-                         prompt_format=PROMPT_FORMAT, batch_size=c.sft_batch, shuffle_seed=c.seed,
-                         max_prompt_len=c.prompt_len, max_target_len=c.max_new_tokens),
-        optim=OptimSection(learning_rate=c.sft_lr, warmup_steps=c.sft_warmup, schedule="cosine",
-                           final_lr_ratio=0.1, max_grad_norm=1.0),
-        checkpoint=CheckpointSection(every_steps=c.ckpt_every, max_to_keep=2, async_save=False, export_hf=True),
-        mesh=MeshSection(data=1), steps=c.sft_steps, seed=c.seed, tensorboard=False, progress=False)
+    return _recipe_config(d, SftConfig, c.sft_recipe, list(c.sft_overrides) + [f"progress={progress}"], {
+        "run_dir": d.path("checkpoints", "sft"), "model.path": d.path("checkpoints", "init"),
+        "model.tokenizer": d.path("tokenizer"), "data.path": d.path("data", "sft.jsonl"),
+        "seed": c.seed, "data.shuffle_seed": c.seed})
 
 
-def rl_run_config(d: DemoDir):
-    """`rl.config.TrainConfig` of GRPO (run directory ``DIR/checkpoints/rl``), answers-only data."""
-    from rl.config import (AlgoSection, CheckpointSection, DataSection, MeshSection, ModelSection,
-                           OptimSection, SamplingSection, TrainConfig)
+def rl_run_config(d: DemoDir, progress: bool = False):
+    """`rl.config.TrainConfig` of GRPO: the recipe with the demo's paths (run directory
+    ``DIR/checkpoints/rl``, answers-only data) and seed."""
+    from rl.config import TrainConfig
 
     c = d.config
-    return TrainConfig(
-        run_dir=str(d.path("checkpoints", "rl")),
-        model=ModelSection(path=str(d.path("checkpoints", "sft", "hf")), tokenizer=str(d.path("tokenizer"))),
-        data=DataSection(source="jsonl", path=str(d.path(*_RL_FILE)), split="train",
-                         prompt_format=PROMPT_FORMAT, batch_size=c.rl_prompts, shuffle_seed=c.seed + 1,
-                         max_prompt_len=c.prompt_len, max_target_len=c.max_new_tokens),
-        sampling=SamplingSection(num_generations=c.rl_generations, max_new_tokens=c.max_new_tokens,
-                                 temperature=c.rl_temperature),
-        algo=AlgoSection(advantage="grpo", loss_agg="token_mean", eps_low=0.2, eps_high=c.rl_eps_high, beta=0.0,
-                         dynamic_sampling=c.rl_dynamic_sampling, max_refill_batches=2),
-        optim=OptimSection(learning_rate=c.rl_lr, max_grad_norm=1.0),
-        checkpoint=CheckpointSection(every_steps=c.ckpt_every, max_to_keep=2, async_save=False, export_hf=False),
-        mesh=MeshSection(data=1),
-        reward={"weights": {"execution": 1.0}, "params": {"execution": {
-            "correct": c.reward_correct, "wrong": c.reward_wrong, "failed": c.reward_failed}}},
-        steps=c.rl_steps, seed=c.seed, tensorboard=False, progress=False)
+    return _recipe_config(d, TrainConfig, c.rl_recipe, list(c.rl_overrides) + [f"progress={progress}"], {
+        "run_dir": d.path("checkpoints", "rl"), "model.path": d.path("checkpoints", "sft", "hf"),
+        "model.tokenizer": d.path("tokenizer"), "data.path": d.path(*_RL_FILE),
+        "seed": c.seed, "data.shuffle_seed": c.seed + 1})
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -435,10 +380,6 @@ def _has_checkpoint(run_dir: Path) -> bool:
         return ck.latest_step() is not None
     finally:
         ck.close()
-
-
-def _scalars(m: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
-    return {k.split("/", 1)[-1] if k.startswith("train/") else k: float(m[k]) for k in keys if k in m}
 
 
 # --- phases -----------------------------------------------------------------------------------
@@ -468,7 +409,8 @@ def _phase_data(d: DemoDir, say: Callable[[str], None]) -> dict[str, Any]:
     _write_jsonl(d.path("data", "sft.jsonl"), bench.train[: cfg.sft_examples])
     rl_examples, rl_info = _rl_questions(d, bench)
     _write_jsonl(d.path(*_RL_FILE), weak_supervision(rl_examples))
-    mcfg = model_config(cfg, tok)
+    sft = sft_run_config(d)
+    mcfg = model_config(cfg, tok, sft.data.max_prompt_len + sft.data.max_target_len)
     params = init_params(mcfg, jax.random.PRNGKey(cfg.seed))
     save_hf_checkpoint(d.path("checkpoints", "init"), mcfg, params, tokenizer_dir=d.path("tokenizer"),
                        overwrite=True)
@@ -481,37 +423,38 @@ def _phase_data(d: DemoDir, say: Callable[[str], None]) -> dict[str, Any]:
             "params": mcfg.num_params(), "rl_questions": len(rl_examples), **rl_info}
 
 
-def _phase_sft(d: DemoDir, clock: Clock, deadline: float, say) -> dict[str, Any]:
-    """Drive `rl.sft.SftTrainer` step by step (its `run()` has no budget or per-step hook)."""
+class _Interrupted(Exception):
+    """A phase stopped by SIGTERM / SIGINT after saving its checkpoint."""
+
+
+def _train_phase(trainer, phase: str, deadline: float, minutes: float, writer, say, extra_hooks=()) -> dict[str, Any]:
+    """Run `trainer` through the loop with the demo's writer, a budget hook and `extra_hooks`;
+    the phase record. The HF export is the trainer's own once the run completes; a run cut by
+    the budget is exported here so the next phases can use it."""
+    from rl.loop import Budget
+
+    if trainer.start_step:
+        say(f"{phase}: resuming from checkpoint step {trainer.start_step}")
+    budget = Budget(deadline)
+    t0 = time.time()
+    result = trainer.loop(hooks=[budget, *extra_hooks], writer=writer, phase=phase, time_left=budget.left).run()
+    if result.stop_reason == "signal":
+        raise _Interrupted(f"{phase} stopped by a signal after step {result.step} (checkpoint saved); "
+                           f"rerun the same command to continue")
+    if result.stop_reason == "budget":
+        trainer.export(trainer.run_dir / "hf")
+        say(f"{phase}: the time cap (--minutes {minutes:g}) stopped it at step {result.step} "
+            f"of {trainer.config.steps}")
+    return {"steps": result.step, "of_steps": trainer.config.steps,
+            "stopped_early": result.stop_reason == "budget", "train_seconds": round(time.time() - t0, 1)}
+
+
+def _phase_sft(d: DemoDir, deadline: float, writer, say, progress: bool) -> dict[str, Any]:
     from rl.sft import SftTrainer
 
-    config = sft_run_config(d)
-    run_dir = Path(config.run_dir)
-    resume = _has_checkpoint(run_dir)
-    trainer = SftTrainer(config, resume=resume)
-    step, stopped = trainer.start_step, False
-    if resume:
-        say(f"sft: resuming from checkpoint step {step}")
-    bar = Progress("sft", config.steps, clock, initial=step, enabled=d.progress)
-    t0 = time.time()
-    try:
-        while step < config.steps:
-            if time.time() > deadline:
-                stopped = True
-                break
-            m, _ = trainer.step()
-            step += 1
-            d.log_metrics("sft", step, _scalars(m, ("loss", "grad_norm", "tokens")))
-            bar.update(loss=m["loss"])
-            if step % config.checkpoint.every_steps == 0:
-                trainer.save(step)
-        trainer.save(step)
-        trainer.checkpointer.wait()
-        trainer.export(run_dir / "hf")
-    finally:
-        bar.close()
-        trainer.close()
-    return {"steps": step, "stopped_early": stopped, "train_seconds": round(time.time() - t0, 1)}
+    config = sft_run_config(d, progress)
+    with SftTrainer(config, resume=_has_checkpoint(Path(config.run_dir))) as trainer:
+        return _train_phase(trainer, "sft", deadline, d.config.minutes, writer, say)
 
 
 def _load_params(path: Path):
@@ -524,15 +467,16 @@ def _evaluate(ctx: _Context, params, pool) -> Any:
     from rl.evaluate import evaluate
 
     return evaluate(params, ctx.mcfg, ctx.tok, ctx.bench.dev, pool, prompt_format=PROMPT_FORMAT,
-                    schema=ctx.schema, max_new_tokens=ctx.cfg.max_new_tokens, batch_size=ctx.cfg.eval_batch,
-                    max_prompt_len=ctx.cfg.prompt_len)
+                    schema=ctx.schema, max_new_tokens=ctx.max_new_tokens, batch_size=ctx.cfg.eval_batch,
+                    max_prompt_len=ctx.prompt_len)
 
 
-def _phase_eval(d: DemoDir, ctx: _Context, phase: str, pool, say) -> dict[str, Any]:
+def _phase_eval(d: DemoDir, ctx: _Context, phase: str, pool, writer, say) -> dict[str, Any]:
     source = "sft" if phase == "eval_sft" else "rl"
     res = _evaluate(ctx, _load_params(d.path("checkpoints", source, "hf")), pool)
     step = 0 if phase == "eval_sft" else d.info("rl").get("steps", 0)
-    d.log_metrics("eval", step, res.summary)
+    if writer is not None:
+        writer.write(step, res.summary, phase="eval")
     d.path(f"{phase}.json").write_text(json.dumps({"summary": res.summary, "rows": list(res.rows)},
                                                   indent=1, default=str) + "\n")
     s = res.summary
@@ -541,54 +485,17 @@ def _phase_eval(d: DemoDir, ctx: _Context, phase: str, pool, say) -> dict[str, A
     return {"summary": s}
 
 
-_RL_KEYS = ("reward/mean", "reward/std", "sql/ex", "sql/error_rate", "train/loss", "train/entropy",
-            "train/clip_fraction", "train/grad_norm", "completion/length_mean", "time/rollout_s",
-            "time/rewards_s", "time/update_s", "time/step_s")
-
-
-def _phase_rl(d: DemoDir, ctx: _Context, clock: Clock, deadline: float, pool, say) -> dict[str, Any]:
-    """Drive `rl.trainer.GrpoTrainer.step` (progress, budget, periodic dev evaluation)."""
+def _phase_rl(d: DemoDir, ctx: _Context, deadline: float, pool, writer, say, progress: bool) -> dict[str, Any]:
+    """GRPO through the loop, with a dev evaluation every `eval_every` steps."""
+    from rl.loop import Evaluate
     from rl.trainer import GrpoTrainer
 
-    config = rl_run_config(d)
-    run_dir = Path(config.run_dir)
-    resume = _has_checkpoint(run_dir)
-    trainer = GrpoTrainer(config, resume=resume, pool=pool)
-    step, stopped = trainer.start_step, False
-    if resume:
-        say(f"rl: resuming from checkpoint step {step}")
-    bar = Progress("rl", config.steps, clock, initial=step, enabled=d.progress)
-    every = d.config.eval_every
-    t0 = time.time()
-    try:
-        while step < config.steps:
-            if time.time() > deadline:
-                stopped = True
-                break
-            m = trainer.step(step)
-            step += 1
-            d.log_metrics("rl", step, _scalars(m, _RL_KEYS))
-            bar.update(reward=m["reward/mean"], ex=m.get("sql/ex", 0.0))
-            if step % config.checkpoint.every_steps == 0:
-                trainer.save(step)
-            if every and step % every == 0 and step < config.steps:
-                ev = _evaluate(ctx, trainer.state["params"], pool)
-                d.log_metrics("eval", step, ev.summary)
-                msg = f"[rl] step {step}: dev EX(set) {100 * ev.summary['ex_set']:.1f}%"
-                if d.progress:
-                    bar.bar.write(msg)
-                else:
-                    say(msg)
-        trainer.save(step)
-        trainer.checkpointer.wait()
-        trainer.export(run_dir / "hf")
-    finally:
-        bar.close()
-        executor = getattr(trainer, "_executor", None)
-        if executor is not None:
-            executor.shutdown(wait=True)
-        trainer.close()
-    return {"steps": step, "stopped_early": stopped, "train_seconds": round(time.time() - t0, 1)}
+    config = rl_run_config(d, progress)
+    with GrpoTrainer(config, resume=_has_checkpoint(Path(config.run_dir)), pool=pool) as trainer:
+        evaluate = Evaluate(d.config.eval_every, lambda step: _evaluate(ctx, trainer.state["params"], pool).summary,
+                            writer=writer,
+                            report=lambda step, s: say(f"[rl] step {step}: dev EX(set) {100 * s['ex_set']:.1f}%"))
+        return _train_phase(trainer, "rl", deadline, d.config.minutes, writer, say, [evaluate])
 
 
 def _phase_export(d: DemoDir, ctx: _Context, say) -> dict[str, Any]:
@@ -611,7 +518,7 @@ def _phase_export(d: DemoDir, ctx: _Context, say) -> dict[str, Any]:
         return {"hf_check": msg}
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    ids = encode_prompts(ctx.bench.dev[:1], tok, ctx.schema, PROMPT_FORMAT, ctx.cfg.prompt_len)[0]
+    ids = encode_prompts(ctx.bench.dev[:1], tok, ctx.schema, PROMPT_FORMAT, ctx.prompt_len)[0]
     with torch.no_grad():
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
     params = _load_params(out)
@@ -627,9 +534,43 @@ def _phase_export(d: DemoDir, ctx: _Context, say) -> dict[str, Any]:
     return {"hf_check": msg, "max_logit_diff": diff}
 
 
+def _phase_report(d: DemoDir, say) -> dict[str, Any]:
+    from rl.demo_report import peak_memory_bytes, write_plot, write_report
+
+    sft, rl = sft_run_config(d), rl_run_config(d)
+    c = d.config
+    execution = dict(rl.reward.get("params", {}).get("execution", {}))
+    settings = {
+        "seed": c.seed, "n_train": c.n_train, "n_dev": c.n_dev, "minutes": c.minutes,
+        "sft_batch": sft.data.batch_size, "sft_examples": c.sft_examples, "sft_lr": sft.optim.learning_rate,
+        "rl_questions": c.rl_questions, "rl_prompts": rl.data.batch_size,
+        "rl_generations": rl.sampling.num_generations, "rl_temperature": rl.sampling.temperature,
+        "rl_lr": rl.optim.learning_rate, "rl_eps_low": rl.algo.eps_low, "rl_eps_high": rl.algo.eps_high,
+        "rl_beta": rl.algo.beta, "rl_loss_agg": rl.algo.loss_agg, "rl_advantage": rl.algo.advantage,
+        "rl_dynamic_sampling": rl.algo.dynamic_sampling,
+        "reward": tuple(execution.get(k, v) for k, v in (("correct", 1.0), ("wrong", 0.0), ("failed", -1.0))),
+        "hidden_size": c.hidden_size, "num_layers": c.num_layers, "num_heads": c.num_heads,
+        "num_kv_heads": c.num_kv_heads, "prompt_len": rl.data.max_prompt_len,
+        "max_new_tokens": rl.sampling.max_new_tokens}
+    phases = {p: d.info(p) for p in PHASES}
+    write_plot(d.path("plot.png"), d.read_metrics("rl"), d.read_metrics("eval"))
+    total = sum(phases[p].get("seconds", 0.0) for p in PHASES[:-1])
+    write_report(d.path("report.md"), settings, phases, total, peak_memory_bytes(), PHASES)
+    say(f"report: {d.path('report.md')}; plot: {d.path('plot.png')}")
+    return {"peak_memory_bytes": peak_memory_bytes()}
+
+
+def _say_default(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)  # above a progress bar, if one is shown
+    sys.stderr.flush()
+
+
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, say: Callable[[str], None] | None = None,
              stop_after: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the demo in `out_dir`; returns the marker state.
+    """Run (or resume) the demo in `out_dir`; returns the marker state (with ``"interrupted"``:
+    the phase a SIGTERM / SIGINT stopped, after its checkpoint, if one did).
 
     Args:
       out_dir: the output directory (created; refused if it holds anything but a demo).
@@ -641,26 +582,26 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, say: Call
     from jaxsql.sql import SqlPool
 
     config = config or DemoConfig()
-    say = say or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = say or _say_default
     if stop_after is not None and stop_after not in PHASES:
         raise JaxsqlError(f"stop_after: unknown phase {stop_after!r}; phases are {list(PHASES)}")
     d = DemoDir(out_dir, config)
-    d.progress = progress
-    clock = Clock(config.minutes)
+    start = time.time()
+    budget = config.minutes * 60.0
     todo = [p for p in PHASES if not d.done(p)]
     if not todo:
         say(f"demo in {d.root} is already complete; see {d.path('report.md')}")
         return d.state
     if len(todo) < len(PHASES):
         say(f"resuming the demo in {d.root} at phase '{todo[0]}'")
-    budget = clock.budget
     reserve = min(90.0, 0.15 * budget)  # eval after RL, export, report
     ctx = None
     pool = None
+    writer = d.metrics_writer()
     try:
         for phase in todo:
             t = time.time()
-            say(f"== {phase} ({Clock.fmt(clock.elapsed())} elapsed, {Clock.fmt(clock.left())} left)")
+            say(f"== {phase} ({clock(t - start)} elapsed, {clock(budget - (t - start))} of the cap left)")
             if phase != "data" and ctx is None:
                 ctx = _context(d)
             if phase in ("eval_sft", "rl", "eval_rl") and pool is None:
@@ -668,24 +609,24 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, *, say: Call
             if phase == "data":
                 info = _phase_data(d, say)
             elif phase == "sft":
-                info = _phase_sft(d, clock, clock.start + 0.6 * budget, say)
+                info = _phase_sft(d, start + 0.6 * budget, writer, say, progress)
             elif phase in ("eval_sft", "eval_rl"):
-                info = _phase_eval(d, ctx, phase, pool, say)
+                info = _phase_eval(d, ctx, phase, pool, writer, say)
             elif phase == "rl":
-                info = _phase_rl(d, ctx, clock, clock.start + budget - reserve, pool, say)
+                info = _phase_rl(d, ctx, start + budget - reserve, pool, writer, say, progress)
             elif phase == "export":
                 info = _phase_export(d, ctx, say)
             else:
-                write_plot(d)
-                total = sum(d.info(p).get("seconds", 0.0) for p in PHASES[:-1])
-                write_report(d, total, peak_memory_bytes(), PHASES)
-                info = {"peak_memory_bytes": peak_memory_bytes()}
-                say(f"report: {d.path('report.md')}; plot: {d.path('plot.png')}")
+                info = _phase_report(d, say)
             d.record(phase, seconds=round(time.time() - t, 1), **info)
             if phase == stop_after:
                 break
+    except _Interrupted as e:
+        say(str(e))
+        return dict(d.state, interrupted=phase)
     finally:
         if pool is not None:
             pool.close()
-        d.close()
+        if writer is not None:
+            writer.close()
     return d.state

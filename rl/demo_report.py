@@ -1,6 +1,8 @@
 """The demo's report: ``plot.png`` (reward and dev EX over RL steps), ``report.md``, peak memory.
 
-Kept apart from `rl.demo` (the phases) so each module reads as one job.
+Kept apart from `rl.demo` (the phases) so each module reads as one job; it
+takes plain values (metrics rows, phase records, settings) and imports
+nothing from `rl`.
 """
 
 from __future__ import annotations
@@ -8,12 +10,9 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from rl.demo import DemoDir
 
 
 def peak_memory_bytes() -> int:
@@ -30,15 +29,15 @@ def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def write_plot(d: "DemoDir") -> Path:
+def write_plot(path: Path, rl_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> Path:
     """``plot.png``: RL reward per step (and its running mean) and dev EX over RL steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rl = _dedupe(d.read_metrics("rl"))
-    ev = _dedupe(d.read_metrics("eval"))
+    rl = _dedupe(rl_rows)
+    ev = _dedupe(eval_rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     if rl:
         x = [r["step"] for r in rl]
@@ -57,55 +56,64 @@ def write_plot(d: "DemoDir") -> Path:
         ax2.legend(loc="best", fontsize=8)
     ax2.set(title="dev split, greedy (step 0 = SFT)", xlabel="RL step", ylabel="%")
     fig.tight_layout()
-    path = d.path("plot.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
-def write_report(d: "DemoDir", total_seconds: float, peak_bytes: int, phases: Sequence[str]) -> Path:
-    """``report.md``: the before/after table, phase times, peak memory, settings."""
-    before = d.info("eval_sft").get("summary", {})
-    after = d.info("eval_rl").get("summary", {})
-    rows = [("EX (set semantics)", "ex_set", True), ("refined EX (bag semantics)", "ex_bag", True),
-            ("execution error rate", "error_rate", False), ("QATCH cell precision", "cell_precision", True),
-            ("QATCH cell recall", "cell_recall", True), ("QATCH tuple cardinality", "tuple_cardinality", True),
-            ("QATCH mean", "qatch", True)]
-    cfg = d.config
+def _cut(info: Mapping[str, Any], minutes: float) -> str:
+    if not info.get("stopped_early"):
+        return ""
+    return (f" — **cut by the time cap** (`--minutes {minutes:g}`) at step {info.get('steps')} of "
+            f"{info.get('of_steps')}: the result is not the default run's")
+
+
+def write_report(path: Path, s: Mapping[str, Any], phases: Mapping[str, Mapping[str, Any]], total_seconds: float,
+                 peak_bytes: int, phase_names: Sequence[str]) -> Path:
+    """``report.md``: the before/after table, phase times, peak memory, settings `s`."""
+    before = phases.get("eval_sft", {}).get("summary", {})
+    after = phases.get("eval_rl", {}).get("summary", {})
+    rows = [("EX (set semantics)", "ex_set"), ("refined EX (bag semantics)", "ex_bag"),
+            ("execution error rate", "error_rate"), ("QATCH cell precision", "cell_precision"),
+            ("QATCH cell recall", "cell_recall"), ("QATCH tuple cardinality", "tuple_cardinality"),
+            ("QATCH mean", "qatch")]
     lines = ["# jaxsql demo report", "",
-             f"Synthetic benchmark (seed {cfg.seed}): {cfg.n_train} train / {cfg.n_dev} dev questions; "
+             f"Synthetic benchmark (seed {s['seed']}): {s['n_train']} train / {s['n_dev']} dev questions; "
              f"dev has unseen values and held-out template-domain pairs. Greedy decoding on the whole dev split.",
              "", "| metric (dev) | SFT (before RL) | after GRPO | change |", "|---|---:|---:|---:|"]
-    for label, key, _ in rows:
+    for label, key in rows:
         b, a = before.get(key), after.get(key)
         if b is None or a is None:
             continue
         lines.append(f"| {label} | {100 * b:.1f}% | {100 * a:.1f}% | {100 * (a - b):+.1f} pts |")
-    sft, rl = d.info("sft"), d.info("rl")
+    sft, rl, data = phases.get("sft", {}), phases.get("rl", {}), phases.get("data", {})
+    correct, wrong, failed = s["reward"]
     lines += ["", "## Run", "",
-              f"- SFT: {sft.get('steps')} steps x {cfg.sft_batch} examples (first {cfg.sft_examples} train examples), "
-              f"lr {cfg.sft_lr}" + (" — stopped early by the time budget" if sft.get("stopped_early") else ""),
-              f"- GRPO questions: {d.info('data').get('rl_questions')} question-answer pairs "
+              f"- SFT (`rl/recipes/demo_sft.yaml`): {sft.get('steps')} steps x {s['sft_batch']} examples "
+              f"(first {s['sft_examples']} train examples), lr {s['sft_lr']}" + _cut(sft, s["minutes"]),
+              f"- GRPO questions: {data.get('rl_questions')} question-answer pairs "
               + ("over new databases (a second synthetic draw, seed + 1000; held-out dev template-domain "
-                 "pairs and questions naming a dev value removed)" if cfg.rl_questions == "new_databases"
+                 "pairs and questions naming a dev value removed)" if s["rl_questions"] == "new_databases"
                  else "(the SFT split's questions)") + "; no gold SQL",
-              f"- GRPO: {rl.get('steps')} steps x {cfg.rl_prompts} prompts x G={cfg.rl_generations}, "
-              f"temperature {cfg.rl_temperature}, lr {cfg.rl_lr}, beta 0, token-mean loss, "
-              + ("DAPO dynamic sampling, " if cfg.rl_dynamic_sampling else "") + "clip "
-              f"[0.8, {1 + cfg.rl_eps_high}]; reward `execution` ({cfg.reward_correct} / {cfg.reward_wrong} / "
-              f"{cfg.reward_failed}) against gold answers only (gold SQL never given to the reward)"
-              + (" — stopped early by the time budget" if rl.get("stopped_early") else ""),
-              f"- model: Qwen2-style decoder, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
-              f"{cfg.num_heads} heads ({cfg.num_kv_heads} KV), vocab {d.info('data').get('vocab')}, "
-              f"random init; prompts {cfg.prompt_len} tokens, completions <= {cfg.max_new_tokens}",
-              f"- HF export: {d.info('export').get('hf_check', 'not run')}", "",
+              f"- GRPO (`rl/recipes/demo_grpo.yaml`): {rl.get('steps')} steps x {s['rl_prompts']} prompts x "
+              f"G={s['rl_generations']}, temperature {s['rl_temperature']}, lr {s['rl_lr']}, "
+              f"advantage {s['rl_advantage']}, beta {s['rl_beta']}, {s['rl_loss_agg']} loss, "
+              + ("DAPO dynamic sampling, " if s["rl_dynamic_sampling"] else "")
+              + f"clip [{1 - s['rl_eps_low']:g}, {1 + s['rl_eps_high']:g}]; reward `execution` "
+              f"({correct} / {wrong} / {failed}) against gold answers only (gold SQL never given to the reward)"
+              + _cut(rl, s["minutes"]),
+              f"- model: Qwen2-style decoder, hidden {s['hidden_size']}, {s['num_layers']} layers, "
+              f"{s['num_heads']} heads ({s['num_kv_heads']} KV), vocab {data.get('vocab')}, "
+              f"random init; prompts {s['prompt_len']} tokens, completions <= {s['max_new_tokens']}",
+              f"- HF export: {phases.get('export', {}).get('hf_check', 'not run')}", "",
               "| phase | seconds |", "|---|---:|"]
-    for p in phases[:-1]:
-        if "seconds" in d.info(p):
-            lines.append(f"| {p} | {d.info(p)['seconds']:.1f} |")
+    for p in phase_names[:-1]:
+        if "seconds" in phases.get(p, {}):
+            lines.append(f"| {p} | {phases[p]['seconds']:.1f} |")
     lines += [f"| **total (all phases)** | {total_seconds:.1f} |", "",
-              f"Peak resident memory of the demo process (ru_maxrss, the invocation that finished the run): **{peak_bytes / 2**30:.2f} GiB**.",
+              f"Peak resident memory of the demo process (ru_maxrss, the invocation that finished the run): "
+              f"**{peak_bytes / 2**30:.2f} GiB**.",
               "", "![reward and dev EX](plot.png)", ""]
-    path = d.path("report.md")
+    path = Path(path)
     path.write_text("\n".join(lines))
     return path

@@ -1,6 +1,6 @@
 """Per-token log-probabilities and entropies of completions under the policy.
 
-Two row layouts. *Full rows*: ``[left-padded prompt | completion (C slots,
+Two row layouts (the two batch types of `rl.batch`). *Full rows*: ``[left-padded prompt | completion (C slots,
 right-padded)]``
 of length T: the completion always occupies the last C columns, so only
 those C positions need the vocabulary projection. ``mask_BT`` marks real
@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.model import KVCache, hidden_states, output_logits, positions_from_mask
+from models.model import hidden_states, output_logits, positions_from_mask
+from rl.batch import Batch, FlatBatch
 
 # Below this many logits (B x C x V) the head runs in one piece without remat.
 WHOLE_LOGITS_LIMIT = 64 * 1024 * 1024
@@ -87,16 +88,6 @@ def logprobs_and_entropy(
                             with_entropy, chunk)
 
 
-def _repeat_cache(cache: KVCache, G: int) -> KVCache:
-    """Each prompt's cache rows repeated G times (group-major), for either cache layout."""
-    if isinstance(cache.k, tuple):
-        k = tuple(jnp.repeat(a, G, axis=0) for a in cache.k)
-        v = tuple(jnp.repeat(a, G, axis=0) for a in cache.v)
-    else:
-        k, v = jnp.repeat(cache.k, G, axis=1), jnp.repeat(cache.v, G, axis=1)
-    return cache._replace(k=k, v=v, mask_BS=jnp.repeat(cache.mask_BS, G, axis=0))
-
-
 def grouped_logprobs_and_entropy(
     params,
     cfg: ModelConfig,
@@ -124,10 +115,24 @@ def grouped_logprobs_and_entropy(
     pm = prompt_mask_NP.astype(jnp.bool_)
     h_prompt, cache = hidden_states(params, prompt_NP, positions_from_mask(pm), cfg, mask_BT=pm, fill_cache=P + C,
                                     last_only=True)
-    cache = _repeat_cache(cache, G)
+    cache = cache.repeat_rows(G)
     start_B = jnp.repeat(pm.sum(axis=1, dtype=jnp.int32), G)
     positions = start_B[:, None] + jnp.arange(C, dtype=jnp.int32)[None, :]
     h_comp, _ = hidden_states(params, completion_BC, positions, cfg,
                               mask_BT=completion_mask_BC.astype(jnp.bool_), cache=cache)
     h_BCD = jnp.concatenate([jnp.repeat(h_prompt, G, axis=0), h_comp[:, :-1]], axis=1)
     return _completion_head(params, cfg, h_BCD, completion_BC, temperature, with_entropy, chunk)
+
+
+def batch_logprobs(params, cfg: ModelConfig, batch: Batch | FlatBatch, *, temperature: float = 1.0,
+                   with_entropy: bool = True, chunk: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Log-probs (and entropies) [rows, C] of a batch's completion positions, by its type:
+    grouped (`Batch`, each prompt run once) or full rows (`FlatBatch`)."""
+    if isinstance(batch, Batch):
+        return grouped_logprobs_and_entropy(params, cfg, batch.prompt_tokens, batch.prompt_mask,
+                                            batch.completion_tokens, batch.completion_mask,
+                                            temperature=temperature, with_entropy=with_entropy, chunk=chunk)
+    if isinstance(batch, FlatBatch):
+        return logprobs_and_entropy(params, cfg, batch.tokens, batch.mask, batch.completion_len,
+                                    temperature=temperature, with_entropy=with_entropy, chunk=chunk)
+    raise TypeError(f"batch_logprobs: expected rl.batch.Batch or FlatBatch, got {type(batch).__name__}")

@@ -2,9 +2,9 @@
 
 The host encodes prompts (schema + question rendered by `data.prompts`,
 tokenised, left-truncated), `models.sampler.generate` samples G completions
-per prompt (one prefill per prompt), and `assemble` lays each sample out as
-one training row ``[left-padded prompt | completion | padding]`` with the
-masks the loss needs. All of it stays on the device; only the completion
+per prompt (one prefill per prompt), and `assemble` lays the samples out as
+one grouped `rl.batch.Batch` (each prompt once, its G completions after it)
+with the masks the loss needs. All of it stays on the device; only the completion
 tokens travel to the host for detokenisation and SQL execution.
 """
 
@@ -21,7 +21,8 @@ import numpy as np
 from data.records import Example
 from models.config import ModelConfig
 from models.sampler import SampleOutput, generate
-from rl.policy import grouped_logprobs_and_entropy, logprobs_and_entropy
+from rl.batch import Batch, FlatBatch
+from rl.policy import batch_logprobs
 
 
 class PromptEncoder:
@@ -81,46 +82,27 @@ def decode_completions(tokenizer: Any, tokens_NC: np.ndarray, lengths_N: np.ndar
     return out
 
 
-PROMPT_KEYS = ("prompt_tokens", "prompt_mask")
-
-
 @partial(jax.jit, static_argnames=("group",))
-def assemble(sample: SampleOutput, group: int) -> dict[str, jax.Array]:
-    """Grouped training rows from a `SampleOutput` of `group` samples per prompt:
-    prompt_tokens, prompt_mask [N, P]; completion_tokens, completion_mask, sampler_logp [N*G, C]."""
+def assemble(sample: SampleOutput, group: int) -> Batch:
+    """The grouped training batch of a `SampleOutput` with `group` samples per prompt:
+    prompts [N, P] once, completions, their mask and the sampler's log-probs [N*G, C]."""
     n, c = sample.tokens.shape
     gen_mask = (jnp.arange(c)[None, :] < sample.lengths[:, None]).astype(jnp.int32)
-    return {
-        "prompt_tokens": sample.prompt_tokens[::group].astype(jnp.int32),
-        "prompt_mask": sample.prompt_mask[::group].astype(jnp.int32),
-        "completion_tokens": sample.tokens.astype(jnp.int32),
-        "completion_mask": gen_mask,
-        "sampler_logp": sample.logprobs.astype(jnp.float32) * gen_mask,
-    }
-
-
-def ungroup(rows: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Full rows ``tokens``/``mask`` [B, P+C] from grouped rows (each prompt repeated G times)."""
-    out = {k: v for k, v in rows.items() if k not in PROMPT_KEYS + ("completion_tokens",)}
-    G = rows["completion_tokens"].shape[0] // rows["prompt_tokens"].shape[0]
-    out["tokens"] = jnp.concatenate([jnp.repeat(rows["prompt_tokens"], G, 0), rows["completion_tokens"]], 1)
-    out["mask"] = jnp.concatenate([jnp.repeat(rows["prompt_mask"], G, 0), rows["completion_mask"]], 1)
-    return out
+    return Batch(
+        prompt_tokens=sample.prompt_tokens[::group].astype(jnp.int32),
+        prompt_mask=sample.prompt_mask[::group].astype(jnp.int32),
+        completion_tokens=sample.tokens.astype(jnp.int32),
+        completion_mask=gen_mask,
+        sampler_logp=sample.logprobs.astype(jnp.float32) * gen_mask,
+    )
 
 
 @partial(jax.jit, static_argnames=("cfg", "temperature", "with_entropy"))
-def completion_logprobs(params, rows: dict[str, jax.Array], cfg: ModelConfig, temperature: float,
+def completion_logprobs(params, batch: Batch | FlatBatch, cfg: ModelConfig, temperature: float,
                         with_entropy: bool = False):
-    """Per-token log-probs (and entropies) of the rows' completions under `params`, 0 outside them."""
-    if "prompt_tokens" in rows:
-        lp, ent = grouped_logprobs_and_entropy(params, cfg, rows["prompt_tokens"], rows["prompt_mask"],
-                                               rows["completion_tokens"], rows["completion_mask"],
-                                               temperature=temperature, with_entropy=with_entropy)
-    else:
-        lp, ent = logprobs_and_entropy(params, cfg, rows["tokens"], rows["mask"],
-                                       rows["completion_mask"].shape[1], temperature=temperature,
-                                       with_entropy=with_entropy)
-    cm = rows["completion_mask"].astype(jnp.float32)
+    """Per-token log-probs (and entropies) of the batch's completions under `params`, 0 outside them."""
+    lp, ent = batch_logprobs(params, cfg, batch, temperature=temperature, with_entropy=with_entropy)
+    cm = batch.scored_mask.astype(jnp.float32)
     return lp * cm, (None if ent is None else ent * cm)
 
 
@@ -129,7 +111,7 @@ class Rollout:
     """One rollout of N prompts x G samples (rows group-major)."""
 
     examples: list[Example]  # length N*G, each prompt repeated G times
-    rows: dict[str, jax.Array]  # device arrays [N*G, P+C]
+    rows: Batch  # device arrays, grouped
     tokens_NC: jax.Array
     lengths_N: jax.Array
 
@@ -145,29 +127,3 @@ def sample_rollout(params, cfg: ModelConfig, encoder: PromptEncoder, examples: S
                    stop_ids=tuple(stop_ids), ignore_stop=ignore_stop, pad_id=pad_id)
     repeated = [ex for ex in examples for _ in range(num_generations)]
     return Rollout(repeated, assemble(out, num_generations), out.tokens, out.lengths)
-
-
-def concat_rows(parts: Sequence[dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Concatenate grouped row dicts whose prompt buckets may differ: prompts are padded
-    on the left (more padding), so they stay left-padded."""
-    if len(parts) == 1:
-        return dict(parts[0])
-    width = max(p["prompt_tokens"].shape[1] for p in parts)
-    out: dict[str, list] = {}
-    for p in parts:
-        for k, v in p.items():
-            if k in PROMPT_KEYS and v.shape[1] < width:
-                v = jnp.pad(v, ((0, 0), (width - v.shape[1], 0)))
-            out.setdefault(k, []).append(v)
-    return {k: jnp.concatenate(v, 0) for k, v in out.items()}
-
-
-def select_groups(rows: dict[str, jax.Array], groups: np.ndarray) -> dict[str, jax.Array]:
-    """The grouped rows of prompts `groups` (host ints), each with its G completions."""
-    n_prompts = rows["prompt_tokens"].shape[0]
-    G = rows["completion_mask"].shape[0] // n_prompts
-    groups = np.asarray(groups, np.int64)
-    rows_idx = jnp.asarray((groups[:, None] * G + np.arange(G)[None, :]).reshape(-1), jnp.int32)
-    g_idx = jnp.asarray(groups, jnp.int32)
-    return {k: jnp.take(v, g_idx if k in PROMPT_KEYS else rows_idx, axis=0) for k, v in rows.items()}
-

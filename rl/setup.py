@@ -153,15 +153,33 @@ def save_run(ck: Checkpointer, step: int, train_state, rng, iterator, config: Ma
                    config=config, extra={"model_config": model_config_dict(model_cfg), "kind": kind})
 
 
-def restore_run(ck: Checkpointer, train_state, rng, iterator):
+def restore_run(ck: Checkpointer, train_state, rng, iterator, *, fallback_to_previous: bool = False):
     """(train_state, rng, step) from the latest checkpoint, moving `iterator` to its position;
     the given fresh ones and step 0 when there is none (`open_checkpointer` already refused
-    existing checkpoints without --resume)."""
-    from data.pipeline import restore_iterator
+    existing checkpoints without --resume).
 
-    if ck.latest_step() is None:
+    A latest checkpoint that cannot be restored (truncated, damaged) is a one-line
+    `CheckpointError` naming it and the step before it; with `fallback_to_previous` the
+    damaged step is moved aside (``<step>.damaged``) and the run resumes from the step before.
+    """
+    from data.pipeline import restore_iterator
+    from jaxsql.checkpoint import CheckpointError
+
+    steps = ck.all_steps()
+    if not steps:
         return train_state, rng, 0
-    state, meta = ck.restore({"train": train_state, "rng": rng})
+    target = {"train": train_state, "rng": rng}
+    try:
+        state, meta = ck.restore(target)
+    except CheckpointError as e:
+        previous = steps[-2] if len(steps) > 1 else None
+        if not fallback_to_previous or previous is None:
+            offer = (f"rerun with --resume-from-previous (checkpoint.fallback_to_previous=true) to move it "
+                     f"aside and resume from step {previous}" if previous is not None
+                     else "no earlier checkpoint is left to resume from")
+            raise CheckpointError(f"{e}; {offer}") from None
+        ck.move_aside(steps[-1])
+        state, meta = ck.restore(target, previous)
     if meta.get("data_state") is not None:
         restore_iterator(iterator, meta["data_state"])
     return state["train"], state["rng"], int(meta["step"])

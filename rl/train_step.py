@@ -1,25 +1,19 @@
-"""One jitted, sharded optimizer step for GRPO and SFT.
+"""One jitted, sharded optimizer step for every trainer; the objective is injected.
 
 The train state is a dict pytree ``{"params", "opt_state", "step", "skipped"}``
 whose parameters and optimizer moments are sharded by the model's logical
-axes (`jaxsql.sharding`); it is donated to the step. A batch is a dict of
-arrays sharded over the batch axis; rows are ``[left-padded prompt |
-completion]`` with the completion in the last C columns (see `rl.policy`):
+axes (`jaxsql.sharding`); it is donated to the step. The batch is an
+`rl.batch.Batch` (grouped rows, the trainers' layout) or `rl.batch.FlatBatch`
+(full rows), its rows sharded over the batch mesh axes; the step knows the
+layout from the type.
 
-- ``tokens``, ``mask`` (real tokens) [N, T]; ``completion_mask`` [N, C] (scored tokens;
-  a full-width [N, T] mask, with [N, T] log-prob arrays, is accepted too and
-  scores positions 1..T-1, at the cost of the vocabulary projection everywhere);
-- or, *grouped* (GRPO's G samples share a prompt, which then runs once per
-  group): ``prompt_tokens``, ``prompt_mask`` [N/G, P] and ``completion_tokens``
-  [N, C] instead of ``tokens`` / ``mask`` (see `rl.policy`);
-- GRPO: ``advantages`` [N]; optional [N, C] ``old_logp`` (absent when mu = 1:
-  the current log-probs, detached, are the old ones), ``ref_logp`` (only
-  when beta != 0) and ``sampler_logp`` (for the mismatch metric / TIS).
-
-The step splits the batch into ``micro_batches`` (a `lax.scan`), sums each
-micro-batch's gradient of ``loss_sum`` and its denominator, and divides once:
-token-mean stays global (see `rl.algo`). A non-finite loss or gradient skips
-the update (parameters and optimizer state unchanged) and counts it.
+The objective is a registered loss (`rl.losses`, named by
+``StepConfig.loss``): GRPO's clipped surrogate, SFT's cross-entropy, or any
+other registered function; the step does not know which. It splits the batch
+into ``micro_batches`` (a `lax.scan`), sums each micro-batch's gradient of
+``loss_sum`` and its denominator, and divides once: token-mean stays global
+(see `rl.algo`). A non-finite loss or gradient skips the update (parameters
+and optimizer state unchanged) and counts it.
 """
 
 from __future__ import annotations
@@ -35,8 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from models.config import ModelConfig
 from models.model import param_shardings
 from rl import algo
+from rl.batch import Batch, FlatBatch, TrainBatch, batch_fields
 from rl.config import OptimSection
-from rl.policy import grouped_logprobs_and_entropy, logprobs_and_entropy
+from rl.losses import LossContext, LossFn, get_loss
 
 State = dict[str, Any]
 
@@ -46,18 +41,23 @@ class StepConfig:
     """Static settings of the step.
 
     Attributes:
-      kind: "grpo" or "sft".
-      loss: the GRPO loss settings (ignored for SFT).
+      loss: name of the objective in `rl.losses.LOSSES` ("grpo", "sft", ...).
+      loss_config: the objective's own hashable settings (`rl.algo.PolicyLossConfig` for "grpo";
+        unused by "sft").
       micro_batches: gradient-accumulation micro-batches.
       temperature: the sampler's temperature (log-probs use logits / T).
       logits_chunk: completion positions per chunk of the log-softmax (None: by budget).
     """
 
-    kind: str = "grpo"
-    loss: algo.PolicyLossConfig = algo.PolicyLossConfig()
+    loss: str = "grpo"
+    loss_config: Any = algo.PolicyLossConfig()
     micro_batches: int = 1
     temperature: float = 1.0
     logits_chunk: int | None = None
+
+    def context(self, model_cfg: ModelConfig) -> LossContext:
+        """What the loss function gets besides parameters and batch."""
+        return LossContext(model_cfg, self.temperature, self.logits_chunk, self.loss_config)
 
 
 def learning_rate_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
@@ -123,95 +123,39 @@ def batch_sharding(mesh, rules, shape: tuple[int, ...]):
     return logical_to_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, rules, shape)
 
 
-def _split_micro(x, m: int):
-    # Row r goes to micro-batch r % m, so every device's shard feeds every
-    # micro-batch and no resharding is needed.
-    n = x.shape[0]
-    return x.reshape((n // m, m) + x.shape[1:]).swapaxes(0, 1)
-
-
-def _completion_view(mb: dict) -> tuple[dict, int]:
-    """The micro-batch with per-token arrays over the C scored columns, and C.
-
-    Rows may also carry full-width [N, T] per-token arrays (completion_mask
-    as wide as tokens): then every position but the first is scored, C = T - 1.
-    """
-    T = mb["tokens"].shape[1]
-    C = mb["completion_mask"].shape[1]
-    if C != T:
-        return mb, C
-    out = dict(mb)
-    for k in ("completion_mask", "old_logp", "ref_logp", "sampler_logp"):
-        if k in out:
-            out[k] = out[k][:, 1:]
-    return out, T - 1
-
-
-def _split_batch(batch: dict, m: int) -> dict:
-    """[m, ...] micro-batches; grouped batches are split by prompt, each with its G rows."""
-    if "prompt_tokens" not in batch:
-        return jax.tree.map(lambda x: _split_micro(x, m), batch)
-    n_prompts = batch["prompt_tokens"].shape[0]
-    G = batch["completion_mask"].shape[0] // n_prompts
-    out = {}
-    for k, x in batch.items():
-        if k.startswith("prompt_"):
-            out[k] = _split_micro(x, m)
-        else:
-            y = _split_micro(x.reshape((n_prompts, G) + x.shape[1:]), m)
-            out[k] = y.reshape((m, (n_prompts // m) * G) + x.shape[1:])
-    return out
-
-
-def _micro_loss(params, mb: dict, model_cfg: ModelConfig, sc: StepConfig):
-    """(loss_sum, (denominator, metric sums)) of one micro-batch."""
-    want_entropy = sc.kind == "grpo"
-    if "prompt_tokens" in mb:
-        logp, ent = grouped_logprobs_and_entropy(
-            params, model_cfg, mb["prompt_tokens"], mb["prompt_mask"], mb["completion_tokens"],
-            mb["completion_mask"], temperature=sc.temperature, with_entropy=want_entropy,
-            chunk=sc.logits_chunk)
-    else:
-        mb, C = _completion_view(mb)
-        logp, ent = logprobs_and_entropy(params, model_cfg, mb["tokens"], mb["mask"], C,
-                                         temperature=sc.temperature, with_entropy=want_entropy,
-                                         chunk=sc.logits_chunk)
-    cm = mb["completion_mask"].astype(jnp.float32)
-    if sc.kind == "sft":
-        s, d = algo.sft_loss(logp, cm)
-        return s, (d, {"tokens": d, "nll": s})
-    old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
-    s, d, metrics = algo.policy_loss(logp, old, mb["advantages"], cm, sc.loss,
-                                     ref_logp_BT=mb.get("ref_logp"),
-                                     sampler_logp_BT=mb.get("sampler_logp"))
-    metrics["entropy"] = (ent * cm).sum()
-    return s, (d, metrics)
-
-
 def _is_finite_tree(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves))
 
 
-def make_step_fn(model_cfg: ModelConfig, sc: StepConfig,
-                 optimizer: optax.GradientTransformation) -> Callable[[State, dict], tuple[State, dict]]:
-    """The un-jitted step ``(state, batch) -> (state, metrics)``."""
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+def make_step_fn(model_cfg: ModelConfig, sc: StepConfig, optimizer: optax.GradientTransformation,
+                 loss_fn: LossFn | None = None) -> Callable[[State, TrainBatch], tuple[State, dict]]:
+    """The un-jitted step ``(state, batch) -> (state, metrics)`` minimising `loss_fn`
+    (default: the registered loss ``sc.loss``)."""
+    loss_fn = loss_fn or get_loss(sc.loss)
+    ctx = sc.context(model_cfg)
 
-    def step(state: State, batch: dict) -> tuple[State, dict]:
+    def micro_loss(params, mb):
+        s, d, met = loss_fn(params, mb, ctx)
+        return s, (d, met)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: State, batch: TrainBatch) -> tuple[State, dict]:
         params = state["params"]
-        m = sc.micro_batches
-        micro = _split_batch(batch, m)
+        micro = batch.micro_batches(sc.micro_batches)
 
         def body(carry, mb):
             g_acc, s_acc, d_acc, met_acc = carry
-            (s, (d, met)), g = grad_fn(params, mb, model_cfg, sc)
+            (s, (d, met)), g = grad_fn(params, mb)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             met_acc = jax.tree.map(jnp.add, met_acc, met)
             return (g_acc, s_acc + s, d_acc + d, met_acc), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        met_shape = jax.eval_shape(lambda: _micro_loss(params, first, model_cfg, sc)[1][1])
+        met_shape = jax.eval_shape(lambda: micro_loss(params, first)[1][1])
+        if "tokens" not in met_shape:
+            raise ValueError(f"loss {sc.loss!r}: its metric sums must include 'tokens'")
         zeros_met = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), met_shape)
         zeros_g = jax.tree.map(jnp.zeros_like, params)
         init = (zeros_g, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_met)
@@ -234,11 +178,9 @@ def make_step_fn(model_cfg: ModelConfig, sc: StepConfig,
         tokens = jnp.maximum(met["tokens"], 1.0)
         out = {"loss": loss, "grad_norm": optax.tree.norm(g_sum) / denom,
                "update_skipped": 1.0 - ok.astype(jnp.float32), "tokens": met["tokens"]}
-        for k, v in met.items():
-            if k not in ("tokens", "nll"):
-                out["clip_fraction" if k == "clipped" else k] = v / tokens
-        if "nll" in met:
-            out["nll"] = met["nll"] / tokens
+        for k, v in met.items():  # sums over the scored positions -> per-position means
+            if k != "tokens":
+                out[k] = v / tokens
         return new_state, out
 
     return step
@@ -250,37 +192,43 @@ _SHARED: dict[tuple, dict] = {}
 class TrainStep:
     """The jitted step with explicit in/out shardings over `mesh`, state donated.
 
-    One compiled function per set of batch keys (e.g. with or without
-    ``ref_logp``). Call as ``state, metrics = train_step(state, batch)``.
+    One compiled function per batch type and set of present fields and shapes
+    (e.g. with or without ``ref_logp``). Call as ``state, metrics = train_step(state, batch)``.
     """
 
     def __init__(self, model_cfg: ModelConfig, sc: StepConfig, optimizer: optax.GradientTransformation,
-                 mesh, rules=None, cache_key: Any = None):
+                 mesh, rules=None, cache_key: Any = None, loss_fn: LossFn | None = None):
         """`cache_key` (hashable, e.g. the OptimSection and step count that built `optimizer`)
-        lets runs in one process share compiled steps (tests, resume)."""
+        lets runs in one process share compiled steps (tests, resume). `loss_fn` replaces the
+        registered loss ``sc.loss`` (the objective is looked up by name by default)."""
         self.model_cfg, self.sc, self.optimizer = model_cfg, sc, optimizer
         self.mesh, self.rules = mesh, rules
+        self.loss_fn = loss_fn or get_loss(sc.loss)
         self.state_shardings = state_shardings(model_cfg, optimizer, mesh, rules)
-        self._fn = make_step_fn(model_cfg, sc, optimizer)
+        self._fn = make_step_fn(model_cfg, sc, optimizer, self.loss_fn)
         if cache_key is None:
             self._compiled: dict[tuple, Any] = {}
         else:
-            self._compiled = _SHARED.setdefault((model_cfg, sc, mesh, rules, cache_key), {})
+            key = (model_cfg, sc, self.loss_fn, mesh, rules, cache_key)
+            self._compiled = _SHARED.setdefault(key, {})
 
-    def batch_shardings(self, batch: dict) -> dict:
-        """Shardings for a batch dict (rows over the batch mesh axes)."""
-        return {k: batch_sharding(self.mesh, self.rules, tuple(jnp.shape(v))) for k, v in batch.items()}
+    def batch_shardings(self, batch: TrainBatch) -> TrainBatch:
+        """A batch of shardings: rows over the batch mesh axes, other dimensions replicated."""
+        return jax.tree.map(lambda v: batch_sharding(self.mesh, self.rules, tuple(jnp.shape(v))), batch)
 
-    def place_batch(self, batch: dict) -> dict:
-        """Put host arrays of a batch onto the mesh."""
-        sh = self.batch_shardings(batch)
-        return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+    def place_batch(self, batch: TrainBatch) -> TrainBatch:
+        """Put a batch's arrays onto the mesh: the one place where rows reach the devices."""
+        return jax.tree.map(jax.device_put, batch, self.batch_shardings(batch))
 
-    def __call__(self, state: State, batch: dict) -> tuple[State, dict]:
-        if "prompt_tokens" in batch and batch["prompt_tokens"].shape[0] % self.sc.micro_batches:
-            raise ValueError(f"grouped batch: {batch['prompt_tokens'].shape[0]} prompts are not divisible by "
-                             f"micro_batches={self.sc.micro_batches}; use full rows (rl.rollout.ungroup)")
-        key = tuple(sorted((k, tuple(jnp.shape(v))) for k, v in batch.items()))
+    def __call__(self, state: State, batch: TrainBatch) -> tuple[State, dict]:
+        if not isinstance(batch, (Batch, FlatBatch)):
+            raise TypeError(f"TrainStep: the batch must be an rl.batch.Batch or FlatBatch, "
+                            f"got {type(batch).__name__}")
+        if isinstance(batch, Batch) and batch.num_prompts % self.sc.micro_batches:
+            raise ValueError(f"grouped batch: {batch.num_prompts} prompts are not divisible by "
+                             f"micro_batches={self.sc.micro_batches}; use full rows (Batch.flat())")
+        key = (type(batch).__name__,) + tuple(sorted((k, tuple(jnp.shape(v)))
+                                                     for k, v in batch_fields(batch).items()))
         fn = self._compiled.get(key)
         if fn is None:
             replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -9,10 +9,15 @@ One step (see DESIGN.md, "A step of training")::
 
 The device log-prob work is dispatched before the host blocks on the SQL
 pool, so the two overlap; ``time/reward_hidden_s`` reports how much of the
-reward time ran concurrently with it. Checkpoints every
-``checkpoint.every_steps`` and on SIGTERM; `--resume` continues exactly
-(params, optimizer, rng and the grain iterator position are restored; the
-sampling key of step s is ``fold_in(seed_key, s)``).
+reward time ran concurrently with it. The updates minimise the registered
+``"grpo"`` loss (`rl.losses`) on a grouped `rl.batch.Batch`.
+
+`GrpoTrainer` is a `rl.base_trainer.BaseTrainer`: the loop (`rl.loop`:
+checkpoints every ``checkpoint.every_steps`` and on SIGTERM / SIGINT,
+metrics, progress), the run-directory checks and `--resume` come from
+there; `--resume` continues exactly (params, optimizer, rng and the grain
+iterator position are restored; the sampling key of step s is
+``fold_in(seed_key, s)``).
 """
 
 from __future__ import annotations
@@ -21,22 +26,21 @@ import concurrent.futures as cf
 import json
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsql.checkpoint import PreemptionGuard
 from jaxsql.config import to_dict
+from jaxsql.distributed import any_process, is_lead_process
 from jaxsql.errors import ConfigError
-from jaxsql.metrics import MetricsWriter, ProgressBar
 from rl import algo, setup
+from rl.base_trainer import BaseTrainer
+from rl.batch import Batch
 from rl.config import TrainConfig
-from rl.rollout import (PromptEncoder, completion_logprobs, concat_rows, decode_completions,
-                        sample_rollout, select_groups, ungroup)
-from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
+from rl.rollout import completion_logprobs, decode_completions, sample_rollout
+from rl.train_step import StepConfig
 
 
 def reward_config(cfg: TrainConfig):
@@ -69,46 +73,37 @@ def _watch(arrays) -> cf.Future:
     return fut
 
 
-class GrpoTrainer:
-    """Owns the model, optimizer state, data stream, SQL pool and checkpoints of one run."""
+class GrpoTrainer(BaseTrainer):
+    """A GRPO run: the base trainer's model, data and checkpoints, plus the SQL pool (its own
+    unless `pool` is given), the reward thread and the reference policy (beta > 0)."""
+
+    kind = "grpo"
+    progress_keys = ("reward/mean", "train/loss")
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, pool=None):
-        self.config = c = config
-        self.run_dir = Path(c.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        c = config
         self.rewards = reward_config(c)
-        self.mesh = setup.build_mesh(c.mesh)
-        self.model_cfg, params = setup.load_policy(c.model, self.mesh)
-        self.tokenizer = setup.load_tokenizer(c.model)
-        self.stop_ids, self.pad_id = setup.special_ids(self.tokenizer, self.model_cfg)
-        self.encoder = PromptEncoder(self.tokenizer, c.data.prompt_format, c.data.max_prompt_len)
-        self.examples = setup.load_examples(c.data, self.run_dir)
-        self.iterator = setup.data_stream(self.examples, c.data, c.data.batch_size)
-        mu = c.algo.num_iterations
-        self.optimizer = make_optimizer(c.optim, c.steps * mu)
+        self._pool_arg = pool
         loss = algo.PolicyLossConfig(loss_agg=c.algo.loss_agg, eps_low=c.algo.eps_low,
                                      eps_high=c.algo.eps_high, beta=c.algo.beta, tis_cap=c.algo.tis_cap,
                                      max_len=c.sampling.max_new_tokens)
-        self.step_cfg = StepConfig(kind="grpo", loss=loss, micro_batches=c.optim.micro_batches,
+        self.step_cfg = StepConfig(loss="grpo", loss_config=loss, micro_batches=c.optim.micro_batches,
                                    temperature=c.sampling.temperature)
-        self.train_step = TrainStep(self.model_cfg, self.step_cfg, self.optimizer, self.mesh,
-                                    cache_key=(c.optim, c.steps * mu))
+        super().__init__(c, resume=resume, step_config=self.step_cfg,
+                         total_updates=c.steps * c.algo.num_iterations)
+
+    def _init_extra(self, params) -> None:
         # The reference policy is the initial one; it needs its own buffers because the
         # train state is donated.
-        self.ref_params = setup.copy_tree(params) if c.algo.beta != 0 else None
-        self.state = init_state(params, self.optimizer, self.train_step.state_shardings)
-        del params
-        self.rng = jax.random.PRNGKey(c.seed)
-        self.checkpointer = setup.open_checkpointer(self.run_dir, c.checkpoint, resume=resume)
-        self.state, self.rng, self.start_step = setup.restore_run(
-            self.checkpointer, self.state, self.rng, self.iterator)
-        self._own_pool = pool is None
-        if pool is None:
+        self.ref_params = setup.copy_tree(params) if self.config.algo.beta != 0 else None
+        self.pool = self._pool_arg
+        if self.pool is None:
             from jaxsql.sql import SqlPool
 
-            pool = SqlPool()
-        self.pool = pool
+            self.pool = SqlPool()
+            self._releases.append(self.pool.close)
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+        self._releases.append(lambda: self._executor.shutdown(wait=True))
 
     # -- one rollout draw -------------------------------------------------------------
 
@@ -139,9 +134,7 @@ class GrpoTrainer:
         fut = self._executor.submit(_Timed, self._score, texts, ro.examples)
         scored = fut.result()
         dev_span = watch.result() if watch else None
-        rows = dict(ro.rows)
-        rows.update(device)
-        return {"rows": rows, "score": scored.value, "texts": texts, "examples": ro.examples,
+        return {"rows": ro.rows.replace(**device), "score": scored.value, "texts": texts, "examples": ro.examples,
                 "lengths": lengths, "t_rollout": t_rollout, "reward_span": (scored.start, scored.end),
                 "device_span": dev_span}
 
@@ -165,7 +158,8 @@ class GrpoTrainer:
                 d = len(draws) - 1
                 mask = algo.informative_groups(draws[d]["score"].rewards, G)
                 keep += [(d, g) for g in np.flatnonzero(mask)]
-                if len(keep) >= B or len(draws) > c.algo.max_refill_batches:
+                # a refill is a device call: every process takes the same branch
+                if any_process(len(keep) >= B or len(draws) > c.algo.max_refill_batches):
                     break
                 draws.append(self._draw(jax.random.fold_in(key, len(draws))))
             keep = keep[:B]
@@ -177,24 +171,20 @@ class GrpoTrainer:
         filler = [(0, g) for g in range(B - n_real)]
         offsets = np.cumsum([0] + [len(d["examples"]) // G for d in draws])
         groups = np.array([offsets[d] + g for d, g in keep + filler])
-        rows = select_groups(concat_rows([d["rows"] for d in draws]), groups)
+        rows = Batch.concat([d["rows"] for d in draws]).select_groups(groups)
         index = (groups[:, None] * G + np.arange(G)[None, :]).reshape(-1)
         rewards = np.concatenate([d["score"].rewards for d in draws])[index]
         adv = np.array(algo.compute_advantages(c.algo.advantage, rewards, G, c.algo.adv_eps))
         if filler:
             adv[n_real * G:] = 0.0
             live = jnp.asarray(np.arange(B * G) < n_real * G)[:, None]
-            rows["completion_mask"] = rows["completion_mask"] * live
-        rows["advantages"] = jnp.asarray(adv, jnp.float32)
-        if B % c.optim.micro_batches:  # micro-batches of whole groups are impossible
-            rows = ungroup(rows)
-        batch = self.train_step.place_batch(rows)
+            rows = rows.replace(completion_mask=rows.completion_mask * live)
+        rows = rows.replace(advantages=jnp.asarray(adv, jnp.float32))
+        # micro-batches are whole groups; when they cannot be, full rows
+        batch = rows if B % c.optim.micro_batches == 0 else rows.flat()
 
         t_update = time.perf_counter()
-        out = {}
-        for _ in range(c.algo.num_iterations):
-            self.state, out = self.train_step(self.state, batch)
-        out = jax.device_get(out)
+        out = jax.device_get(self.update(batch, times=c.algo.num_iterations))
         t_end = time.perf_counter()
 
         first = draws[0]
@@ -224,72 +214,24 @@ class GrpoTrainer:
         return m
 
     def _log_samples(self, step: int, draw: dict) -> None:
+        if not is_lead_process():
+            return
         with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             G = self.config.sampling.num_generations
             f.write(json.dumps({"step": step, "ids": [e.id for e in draw["examples"][::G]],
                                 "completion": draw["texts"][0][:500],
                                 "reward": float(draw["score"].rewards[0])}) + "\n")
 
-    # -- the loop -----------------------------------------------------------------------
-
-    def save(self, step: int) -> bool:
-        """Checkpoint the run as `step` (number of completed steps)."""
-        return setup.save_run(self.checkpointer, step, self.state, self.rng, self.iterator,
-                              self.config.to_dict(), self.model_cfg, "grpo")
-
-    def run(self, until: int | None = None) -> dict[str, Any]:
-        """Train from `start_step` to `config.steps` (or to step `until`, if smaller: a
-        partial session that ends with a checkpoint); returns a summary."""
-        c = self.config
-        last = c.steps if until is None else min(until, c.steps)
-        every = c.checkpoint.every_steps
-        history: list[dict[str, float]] = []
-        stopped = False
-        step = self.start_step
-        bar = ProgressBar(last, initial=self.start_step, desc="grpo", enabled=c.progress)
-        try:
-            with MetricsWriter(self.run_dir, tensorboard=c.tensorboard) as writer, PreemptionGuard() as guard:
-                while step < last:
-                    m = self.step(step)
-                    step += 1
-                    history.append(m)
-                    if step % c.log_every == 0 or step == last:
-                        writer.write(step, m)
-                    bar.update(m)
-                    if guard.stop_requested():
-                        self.save(step)
-                        stopped = True
-                        break
-                    if every and step % every == 0:
-                        self.save(step)
-                if not stopped:
-                    self.save(step)
-                self.checkpointer.wait()
-        finally:
-            bar.close()
-            self._executor.shutdown(wait=True)
-            if self._own_pool:
-                self.pool.close()
-        if not stopped and step == c.steps and c.checkpoint.export_hf:
-            self.export(self.run_dir / "hf")
-        return {"step": step, "stopped": stopped, "history": history,
-                "skipped_updates": int(jax.device_get(self.state["skipped"]))}
-
-    def export(self, out_dir: str | Path) -> Path:
-        """Write the current policy as an HF checkpoint (with the run's tokenizer)."""
-        return setup.export_policy(out_dir, self.config.model, self.model_cfg, self.state["params"])
-
-    def close(self) -> None:
-        """Release the checkpointer."""
-        self.checkpointer.close()
+    def run(self, until: int | None = None, **loop_options: Any) -> dict[str, Any]:
+        """`BaseTrainer.run`, plus ``skipped_updates`` (non-finite updates skipped)."""
+        out = super().run(until, **loop_options)
+        out["skipped_updates"] = int(jax.device_get(self.state["skipped"]))
+        return out
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run GRPO training as configured (the `jaxsql train` command)."""
     if config.sampling.num_generations < 2:
         raise ConfigError("SamplingSection.num_generations: GRPO needs at least 2")
-    trainer = GrpoTrainer(config, resume=resume)
-    try:
+    with GrpoTrainer(config, resume=resume) as trainer:
         return trainer.run()
-    finally:
-        trainer.close()

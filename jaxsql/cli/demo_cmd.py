@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     )
     p.add_argument("--out", default="./demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget shared by the phases (default 10)")
+                   help="wall-clock cap shared by the phases (default 30); the phases run a fixed number "
+                        "of steps and the report names a phase the cap cut short")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling (default 0)")
     p.add_argument("--smoke", action="store_true", help="a few steps of every phase with a tiny model (CI)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or phase lines")
@@ -39,6 +40,10 @@ def _demo(args: argparse.Namespace) -> int:
         config = DemoConfig(seed=args.seed, minutes=args.minutes or DemoConfig.minutes)
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     state = run_demo(args.out, config, say=say, progress=not args.quiet)
+    if state.get("interrupted"):
+        print(f"demo stopped during phase '{state['interrupted']}' (checkpoint saved); rerun the same "
+              f"command to continue", file=sys.stderr)
+        return 130
     before = state["phases"].get("eval_sft", {}).get("summary", {})
     after = state["phases"].get("eval_rl", {}).get("summary", {})
     if before and after:

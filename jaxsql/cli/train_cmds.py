@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -11,15 +12,34 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML run config (see docs/training.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in run_dir from its latest checkpoint")
+    p.add_argument("--resume-from-previous", action="store_true",
+                   help="like --resume, but if the latest checkpoint cannot be restored (truncated, damaged) "
+                        "move it aside and continue from the one before (checkpoint.fallback_to_previous)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.learning_rate=1e-5 algo.beta=0")
+
+
+def _finite(v):
+    # strict JSON: a NaN or infinite metric is printed as null, never as NaN
+    return v if not isinstance(v, float) or math.isfinite(v) else None
 
 
 def _summary(out: dict) -> dict:
     last = out["history"][-1] if out["history"] else {}
     keep = ("reward/mean", "sql/ex", "sql/error_rate", "train/loss", "train/nll", "time/step_s")
     return {"step": out["step"], "stopped_by_signal": out["stopped"],
-            **{k: last[k] for k in keep if k in last}}
+            **{k: _finite(last[k]) for k in keep if k in last}}
+
+
+def _print_summary(out: dict) -> None:
+    print(json.dumps(_summary(out), allow_nan=False))
+
+
+def _load(args: argparse.Namespace, loader):
+    overrides = list(args.overrides)
+    if args.resume_from_previous:
+        overrides.append("checkpoint.fallback_to_previous=true")
+    return loader(args.config, overrides), args.resume or args.resume_from_previous
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -28,8 +48,8 @@ def _train(args: argparse.Namespace) -> int:
     from rl.trainer import train
 
     initialize_from_env()  # multi-host (tpu_scripts/launch.sh) before any device is touched
-    cfg = load_train_config(args.config, args.overrides)
-    print(json.dumps(_summary(train(cfg, resume=args.resume))))
+    cfg, resume = _load(args, load_train_config)
+    _print_summary(train(cfg, resume=resume))
     return 0
 
 
@@ -39,8 +59,8 @@ def _sft(args: argparse.Namespace) -> int:
     from rl.sft import sft
 
     initialize_from_env()
-    cfg = load_sft_config(args.config, args.overrides)
-    print(json.dumps(_summary(sft(cfg, resume=args.resume))))
+    cfg, resume = _load(args, load_sft_config)
+    _print_summary(sft(cfg, resume=resume))
     return 0
 
 

@@ -11,10 +11,14 @@ import jaxsql.rewards
 from data.records import Example
 from jaxsql.cli import main as cli_main
 from jaxsql.errors import JaxsqlError
+from jaxsql.metrics import MetricsWriter
 from rl import demo
 from rl.evaluate import summarise
 
-SMOKE = dataclasses.replace(demo.smoke_config(seed=0, minutes=30.0), sft_steps=4, ckpt_every=2)
+_BASE = demo.smoke_config(seed=0, minutes=30.0)
+SMOKE = dataclasses.replace(_BASE, sft_overrides=_BASE.sft_overrides + ("steps=4", "checkpoint.every_steps=2"))
+# the smoke run's SFT and GRPO settings (its recipes with the overrides above)
+SFT_STEPS, RL_STEPS, RL_PROMPTS, RL_GENERATIONS = 4, 2, 2, 2
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -86,22 +90,22 @@ def demo_run(tmp_path_factory):
     log: list[str] = []
     calls: list[list[Example]] = []
     real_score = jaxsql.rewards.score_batch
-    real_log = demo.DemoDir.log_metrics
+    real_write = MetricsWriter.write
 
     def spy_score(pool, completions, examples, config):
         calls.append(list(examples))
         return real_score(pool, completions, examples, config)
 
-    def dying_log(self, phase, step, metrics):
-        real_log(self, phase, step, metrics)
+    def dying_write(self, step, metrics, phase=None):
+        real_write(self, step, metrics, phase=phase)
         if phase == "sft" and step == 3:
             raise _Killed  # after the checkpoint of step 2, before the one of step 4
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(demo.DemoDir, "log_metrics", dying_log)
+    mp.setattr(MetricsWriter, "write", dying_write)
     with pytest.raises(_Killed):
         demo.run_demo(out, SMOKE, say=log.append, progress=False)
-    mp.setattr(demo.DemoDir, "log_metrics", real_log)
+    mp.setattr(MetricsWriter, "write", real_write)
     first = json.loads((out / demo.MARKER).read_text())
     demo.run_demo(out, SMOKE, say=log.append, progress=False, stop_after="sft")
     after_sft = json.loads((out / demo.MARKER).read_text())
@@ -117,7 +121,7 @@ def demo_run(tmp_path_factory):
 def test_killed_phase_resumes_from_its_checkpoint(demo_run):
     assert list(demo_run["first"]["phases"]) == ["data"]
     assert "sft: resuming from checkpoint step 2" in demo_run["log"]
-    assert demo_run["after_sft"]["phases"]["sft"]["steps"] == SMOKE.sft_steps
+    assert demo_run["after_sft"]["phases"]["sft"]["steps"] == SFT_STEPS
     assert "eval_sft" not in demo_run["after_sft"]["phases"]
     text = "\n".join(demo_run["log"])
     assert "at phase 'sft'" in text  # the killed phase
@@ -138,7 +142,7 @@ def test_outputs_exist_and_load(demo_run):
     assert list(out.glob("tensorboard/events.out.tfevents.*"))
     phases = demo_run["state"]["phases"]
     assert all(phases[p]["done"] for p in demo.PHASES)
-    assert phases["rl"]["steps"] == SMOKE.rl_steps
+    assert phases["rl"]["steps"] == RL_STEPS
     assert "loads hf_export" in phases["export"]["hf_check"]
     assert phases["export"]["max_logit_diff"] < 1e-4
     report = (out / "report.md").read_text()
@@ -155,9 +159,9 @@ def test_outputs_exist_and_load(demo_run):
 @pytest.mark.slow
 def test_reward_never_sees_gold_sql(demo_run):
     rl_calls = [c for c in demo_run["calls"] if any(e.gold_sql is None for e in c)]
-    assert len(rl_calls) == SMOKE.rl_steps
+    assert len(rl_calls) == RL_STEPS
     for c in rl_calls:
-        assert len(c) == SMOKE.rl_prompts * SMOKE.rl_generations
+        assert len(c) == RL_PROMPTS * RL_GENERATIONS
         assert all(e.gold_sql is None and e.gold_answers for e in c)
 
 
@@ -170,3 +174,20 @@ def test_rerun_on_a_complete_directory_does_nothing(demo_run):
     assert any("already complete" in line for line in log)
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_report_names_the_cap_when_it_bites(tmp_path):
+    from rl.demo_report import write_report
+
+    settings = {"seed": 0, "n_train": 10, "n_dev": 5, "minutes": 30.0, "sft_batch": 32, "sft_examples": 10,
+                "sft_lr": 2e-3, "rl_questions": "new_databases", "rl_prompts": 16, "rl_generations": 8,
+                "rl_temperature": 1.0, "rl_lr": 1e-4, "rl_eps_low": 0.2, "rl_eps_high": 0.28, "rl_beta": 0.0,
+                "rl_loss_agg": "token_mean", "rl_advantage": "grpo", "rl_dynamic_sampling": True,
+                "reward": (1.0, 0.0, 0.0), "hidden_size": 192, "num_layers": 3, "num_heads": 4,
+                "num_kv_heads": 2, "prompt_len": 128, "max_new_tokens": 40}
+    phases = {"sft": {"steps": 110, "of_steps": 110, "stopped_early": False, "seconds": 50.0},
+              "rl": {"steps": 150, "of_steps": 200, "stopped_early": True, "seconds": 900.0},
+              "eval_sft": {"summary": {"ex_set": 0.19}}, "eval_rl": {"summary": {"ex_set": 0.3}}}
+    text = write_report(tmp_path / "report.md", settings, phases, 950.0, 2**31, demo.PHASES).read_text()
+    assert "| EX (set semantics) | 19.0% | 30.0% | +11.0 pts |" in text
+    assert text.count("cut by the time cap") == 1 and "(`--minutes 30`) at step 150 of 200" in text

@@ -9,6 +9,7 @@ from jaxsql.sharding import make_mesh
 from models.config import ModelConfig
 from models.model import init_params
 from rl import algo
+from rl.batch import Batch, FlatBatch
 from rl.config import OptimSection
 from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
 
@@ -53,6 +54,8 @@ def _run(mesh, sc, batch, steps=1, lr=1e-3, adam_eps=1e-4):
     params = init_params(CFG, jax.random.PRNGKey(0))
     state = init_state(params, opt, ts.state_shardings)
     metrics = None
+    if isinstance(batch, dict):
+        batch = FlatBatch(**batch)
     for _ in range(steps):
         state, metrics = ts(state, ts.place_batch(batch))
     return jax.device_get(state), jax.device_get(metrics)
@@ -64,7 +67,7 @@ def _grouped(b, G=4):
     g["prompt_tokens"] = b["tokens"][::G, :P].copy()
     g["prompt_mask"] = b["mask"][::G, :P].copy()
     g["completion_tokens"] = b["tokens"][:, P:].copy()
-    return g
+    return Batch(**g)
 
 
 def _shared_prompts(b, G=4):
@@ -77,8 +80,8 @@ def _shared_prompts(b, G=4):
     return b
 
 
-SC = StepConfig(loss=algo.PolicyLossConfig(loss_agg="token_mean", eps_high=0.28, beta=0.04, max_len=C,
-                                           tis_cap=2.0))
+SC = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(loss_agg="token_mean", eps_high=0.28, beta=0.04,
+                                                               max_len=C, tis_cap=2.0))
 
 
 def test_eight_devices_equal_one_device():
@@ -104,9 +107,9 @@ def test_eight_devices_equal_one_device():
 def test_micro_batches_equal_full_batch():
     agg = "token_mean"  # rl/test_algo covers every aggregation's micro-batch algebra
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    loss = SC.loss
+    loss = SC.loss_config
     full, mf = _run(mesh, SC, _batch())
-    micro, mm = _run(mesh, StepConfig(loss=loss, micro_batches=2), _batch())
+    micro, mm = _run(mesh, StepConfig(loss_config=loss, micro_batches=2), _batch())
     np.testing.assert_allclose(mf["loss"], mm["loss"], rtol=1e-5)
     np.testing.assert_allclose(mf["grad_norm"], mm["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(micro["params"])):
@@ -128,12 +131,12 @@ def test_without_old_logp_ratio_is_one_and_sft_lowers_nll():
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     b = _batch(beta=False)
     del b["old_logp"], b["sampler_logp"]
-    _, m = _run(mesh, StepConfig(loss=algo.PolicyLossConfig(beta=0.0, max_len=C)), b)
+    _, m = _run(mesh, StepConfig(loss_config=algo.PolicyLossConfig(beta=0.0, max_len=C)), b)
     np.testing.assert_allclose(m["ratio"], 1.0, rtol=1e-6)
     assert m["clip_fraction"] == 0.0 and "kl" not in m
     sft = {k: b[k] for k in ("tokens", "mask", "completion_mask")}
-    _, m1 = _run(mesh, StepConfig(kind="sft"), sft, steps=1, lr=1e-2)
-    _, m5 = _run(mesh, StepConfig(kind="sft"), sft, steps=8, lr=1e-2)
+    _, m1 = _run(mesh, StepConfig(loss="sft"), sft, steps=1, lr=1e-2)
+    _, m5 = _run(mesh, StepConfig(loss="sft"), sft, steps=8, lr=1e-2)
     assert m5["nll"] < m1["nll"] - 0.1
 
 
@@ -161,6 +164,7 @@ def test_full_width_layout_equals_completion_layout():
     wide = dict(b)
     for k in ("completion_mask", "old_logp", "sampler_logp", "ref_logp"):
         wide[k] = np.concatenate([np.zeros((N, P), b[k].dtype), b[k]], 1)
+    wide = FlatBatch.from_full_width(**wide)
     narrow_state, mn = _run(mesh, SC, b)
     wide_state, mw = _run(mesh, SC, wide)
     np.testing.assert_allclose(mn["loss"], mw["loss"], rtol=1e-5)
@@ -171,7 +175,7 @@ def test_full_width_layout_equals_completion_layout():
 def test_grouped_layout_equals_full_rows_with_micro_batches():
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     full = _shared_prompts(_batch())
-    sc2 = StepConfig(loss=SC.loss, micro_batches=2)
+    sc2 = StepConfig(loss_config=SC.loss_config, micro_batches=2)
     full_state, mf = _run(mesh, sc2, full)
     grouped_state, mg = _run(mesh, sc2, _grouped(full))
     np.testing.assert_allclose(mf["loss"], mg["loss"], rtol=1e-5)

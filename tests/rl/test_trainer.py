@@ -97,9 +97,12 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tiny_env, tmp_path, unint
     assert [order_r[s] for s in range(target)] == [order_u[s] for s in range(target)]
 
 
-def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterrupted):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterrupted, sig):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) alike: the step finishes, a checkpoint is saved."""
     params_u, order_u, _ = uninterrupted
     run = tmp_path / "term"
+    before = signal.getsignal(sig)
 
     def patch(trainer):
         score = trainer._score
@@ -108,7 +111,7 @@ def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterru
         def score_and_preempt(*a):
             calls.append(1)
             if len(calls) == 2:  # in the middle of step 1 (after its rollout, before its update)
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
             return score(*a)
 
         trainer._score = score_and_preempt
@@ -116,10 +119,28 @@ def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterru
     out, _ = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}), patch=patch)
     assert out["stopped"] and out["step"] == 2
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    assert signal.getsignal(sig) is before  # the loop restored the handler
     out, params_r = _run(_cfg(tiny_env, run, **{"checkpoint.every_steps": 0}), resume=True)
     assert out["step"] == STEPS
     _assert_same_params(params_u, params_r)
     assert _order(run) == order_u
+
+
+def test_close_releases_what_the_trainer_acquired(tiny_env, tmp_path):
+    t = GrpoTrainer(_cfg(tiny_env, tmp_path / "own"))
+    pool, executor = t.pool, t._executor
+    t.close()
+    assert executor._shutdown and pool._closed
+    t.close()  # twice is fine
+    from jaxsql.sql import SqlPool
+
+    mine = SqlPool(1)
+    try:
+        with GrpoTrainer(_cfg(tiny_env, tmp_path / "given"), pool=mine) as t2:
+            assert t2.pool is mine
+        assert not mine._closed  # not the trainer's to close
+    finally:
+        mine.close()
 
 
 def test_refuses_existing_run_without_resume(tiny_env, uninterrupted):
