@@ -124,8 +124,14 @@ def test_eval_reproduces_the_demo(capsys, tmp_path):
     out = tmp_path / "demo"
     demo.run_demo(out, config, say=lambda s: None, progress=False)
     reported = json.loads((out / "eval_rl.json").read_text())
+    # The demo evaluates with its GRPO recipe's lengths (prompt and completion).
+    from jaxsql.config import load_config
+    from rl.config import TrainConfig
+
+    rl_cfg = load_config(TrainConfig, demo.recipe_path(config.rl_recipe), list(config.rl_overrides))
+    max_new_tokens, prompt_len = rl_cfg.sampling.max_new_tokens, rl_cfg.data.max_prompt_len
     run(capsys, "--model", out / "hf_export", "--data", f"synthetic:{out / 'data'}:dev", "--out", tmp_path / "o",
-        "--max-new-tokens", config.max_new_tokens, "--max-prompt-len", config.prompt_len,
+        "--max-new-tokens", max_new_tokens, "--max-prompt-len", prompt_len,
         "--batch-size", config.eval_batch, "--devices", "1")
     summary = json.loads((tmp_path / "o" / "metrics.json").read_text())["summary"]
     assert summary == reported["summary"]
