@@ -96,7 +96,7 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None) -> Params:
     """Pytree of `NamedSharding` for the parameters on `mesh`."""
     from jaxsql.sharding import tree_shardings
 
-    return tree_shardings(param_axes(cfg), mesh, rules, param_shapes(cfg))
+    return tree_shardings(param_axes(cfg), mesh, rules, param_shapes(cfg), what="parameter")
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None, std: float = 0.02) -> Params:
