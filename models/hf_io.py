@@ -133,6 +133,9 @@ def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dt
     for name, rule, layer in wanted:
         value = np.ascontiguousarray(rule.to_ours(reader(name).read(name), cfg)).astype(dt, copy=False)
         sharding = params_map.get_leaf(shardings, rule.path)
+        # Every process reads the whole tensor from its own copy of the checkpoint, so this is a
+        # value the processes share (not rows of a batch): device_put places each process's
+        # shards of it, on one host or many (tested with 2 processes on an FSDP mesh).
         if layer is None:
             leaves[rule.path] = jax.device_put(value, sharding)
         else:
