@@ -45,6 +45,10 @@ for name, section in [("dp", MeshSection(data=-1)), ("fsdp", MeshSection(data=1,
         result["fsdp_addressable"] = all(x.is_fully_addressable for x in jax.tree.leaves(params))
         # every process asks for its own directory: only the lead's may appear
         save_hf_checkpoint(os.path.join(out, f"hf-{p}"), cfg, params, max_shard_bytes=50_000)
+        try:  # the lead refuses a foreign directory: every process must hear of it, none may hang
+            save_hf_checkpoint(os.path.join(out, "foreign"), cfg, params)
+        except JaxsqlError as e:
+            result["refused"] = str(e)
         try:
             generate(params, cfg, prompts[: 4 - p], key=jax.random.key(0), max_new_tokens=2)
         except JaxsqlError as e:
@@ -55,6 +59,8 @@ d.sync("done")
 
 
 def _run(n, model, out, devices):
+    (out / "foreign").mkdir(parents=True)
+    (out / "foreign" / "notes.txt").write_text("mine")
     outs = run_processes(_CODE, n, devices_per_process=devices, timeout=600,
                          extra_env={"TEST_MODEL": str(model), "TEST_OUT": str(out)})
     return [json.loads(o.strip().splitlines()[-1]) for o in outs]
@@ -98,3 +104,6 @@ def test_two_processes_sample_and_export_what_one_process_does(tmp_path):
                 np.testing.assert_array_equal(ra.read(k), rb.read(k))
     for o in two:
         assert "the processes hold [4, 3] prompts" in o["unequal"]
+    assert "is not empty and is not a previous jaxsql export" in two[0]["refused"]
+    assert "HF export refused on the lead process" in two[1]["refused"]
+    assert sorted(p.name for p in (tmp_path / "two" / "foreign").iterdir()) == ["notes.txt"]
