@@ -3,8 +3,9 @@
 Every config in jaxsql is a frozen dataclass whose ``__post_init__`` calls
 `require` for each constraint, so a bad value fails at construction with the
 field's name. `from_dict` builds nested configs from plain data (YAML) and
-rejects unknown keys; `apply_overrides` applies ``a.b=value`` command-line
-overrides (values parsed as YAML scalars).
+rejects unknown keys (a key listed in the class's ``REMOVED_KEYS`` gets its
+own message saying what to write instead); `apply_overrides` applies
+``a.b=value`` command-line overrides (values parsed as YAML scalars).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    for key in unknown:
+        if key in removed:
+            raise ConfigError(f"{where}.{key}: no longer exists; {removed[key]}")
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {unknown}; known keys are {sorted(fields)}"

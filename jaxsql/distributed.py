@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from jaxsql.errors import ConfigError
 
@@ -165,16 +168,58 @@ def local_rows(x):
     return np.concatenate(parts, axis=0)
 
 
+def process_values(value) -> "np.ndarray":
+    """`value` (a number or small array, the same shape on every process) from every
+    process, stacked along a new leading axis in process order: [process_count, ...]."""
+    import numpy as np
+
+    value = np.asarray(value)
+    if process_count() == 1:
+        return value[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=False))
+
+
+def row_share(sharding, rows: int | None = None) -> tuple[int, int]:
+    """(index, count): this process holds row block `index` of `count` equal, contiguous
+    blocks of any array whose leading axis `sharding` splits.
+
+    On one process, or when the rows are not split across processes (every
+    process then holds all of them), the answer is (0, 1). Rows that do not
+    fall into one contiguous block per process (a mesh whose device order
+    interleaves processes along the batch axes) are a `ConfigError`: the data
+    pipeline and the sampler read each process's rows as one block. `rows`
+    (default: the number of row shards) is the leading dimension to check.
+    """
+    import math
+
+    if process_count() == 1 or sharding is None:
+        return 0, 1
+    spec = getattr(sharding, "spec", None)
+    lead = spec[0] if spec is not None and len(spec) else None
+    names = (lead,) if isinstance(lead, str) else tuple(lead or ())
+    shards = math.prod(sharding.mesh.shape[n] for n in names) if names else 1
+    n = shards if rows is None else rows
+    shape = (n,) + (1,) * (max(1, len(spec or ())) - 1)
+    mine = sorted({(idx[0].start or 0, idx[0].stop if idx[0].stop is not None else n)
+                   for idx in sharding.addressable_devices_indices_map(shape).values()})
+    start, stop = mine[0][0], mine[-1][1]
+    contiguous = all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    size = stop - start
+    if not contiguous or n % size or start % size:
+        raise ConfigError(
+            f"process {process_index()} holds rows {mine} of {n}: rows are not one contiguous block per "
+            f"process; order the mesh so each process's devices are adjacent along the batch axes")
+    return start // size, n // size
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is True on at least one (a stop signal, a budget,
     a refill): all processes then take the same branch and make the same device calls."""
-    if process_count() == 1:
-        return bool(flag)
     import numpy as np
-    from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
-    return bool(np.asarray(flags).max())
+    return bool(process_values(np.int32(bool(flag))).max())
 
 
 def sync(name: str) -> None:

@@ -9,8 +9,10 @@ most one HF tensor beyond the parameters themselves.
 
 Export (`save_hf_checkpoint`) plans shards of at most `max_shard_bytes`,
 then streams each tensor from the device to its shard file, so the host
-holds one tensor at a time, and writes the index, ``config.json``,
-``generation_config.json`` and the tokenizer files.
+holds one tensor at a time (on several processes each tensor is gathered
+with `jaxsql.distributed.to_host` and only the lead process writes), and
+writes the index, ``config.json``, ``generation_config.json`` and the
+tokenizer files.
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dt
     for name, rule, layer in wanted:
         value = np.ascontiguousarray(rule.to_ours(reader(name).read(name), cfg)).astype(dt, copy=False)
         sharding = params_map.get_leaf(shardings, rule.path)
+        # Every process reads the whole tensor from its own copy of the checkpoint, so this is a
+        # value the processes share (not rows of a batch): device_put places each process's
+        # shards of it, on one host or many (tested with 2 processes on an FSDP mesh).
         if layer is None:
             leaves[rule.path] = jax.device_put(value, sharding)
         else:
@@ -178,19 +183,38 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> list[str]:
 
 
 def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_dir: str | Path | None = None,
-                       max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+                       max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, dtype: str | None = None) -> Path:
     """Write `params` as an HF checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
 
-    Tensors are stored in the parameters' dtype (`cfg.param_dtype`), split
-    into shards ``model-XXXXX-of-YYYYY.safetensors`` of at most
-    `max_shard_bytes` (a larger single tensor gets its own shard), with
+    Tensors are stored in `dtype` (default `cfg.param_dtype`, the dtype of
+    the master weights), which ``config.json`` records as ``dtype`` and
+    ``torch_dtype``; they are split into shards
+    ``model-XXXXX-of-YYYYY.safetensors`` of at most `max_shard_bytes` (a
+    larger single tensor gets its own shard), with
     ``model.safetensors.index.json``. A non-empty `out_dir` is refused
     unless it is a previous jaxsql export or `overwrite` is set.
+
+    On several processes every process must call this (each tensor is
+    gathered with `jaxsql.distributed.to_host`, a collective, one tensor at
+    a time, so host memory stays bounded by the largest tensor) and only the
+    lead process writes files; an error on the lead is raised on every
+    process once all tensors have been gathered.
     """
+    from jaxsql import distributed
+
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dt = np.dtype(jnp.dtype(cfg.param_dtype))
+    export_cfg = cfg if dtype is None else cfg.replace(param_dtype=dtype)
+    dt = np.dtype(jnp.dtype(export_cfg.param_dtype))
+    lead = distributed.is_lead_process()
+    failure: str | None = None
+    if lead:
+        try:
+            _check_out_dir(out_dir, overwrite)
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except (JaxsqlError, OSError) as e:
+            failure = str(e)
+    if distributed.any_process(failure is not None):
+        raise JaxsqlError(failure or f"{out_dir}: HF export refused on the lead process (see its log)")
 
     plan = []
     for name, rule, layer in params_map.hf_tensors(cfg):
@@ -209,28 +233,45 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
         size += item[4]
 
     by_name = {item[0]: item for item in plan}
+    produced: set[str] = set()
 
     def produce(name: str) -> np.ndarray:
         _, rule, layer, _, _ = by_name[name]
+        produced.add(name)
         leaf = params_map.get_leaf(params, rule.path)
-        value = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+        value = distributed.to_host(leaf if layer is None else leaf[layer])
         return rule.to_hf(value, cfg).astype(dt, copy=False)
 
     weight_map: dict[str, str] = {}
     total = 0
+    many = distributed.process_count() > 1
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(out_dir / fname, [(n, dt, s) for n, _, _, s, _ in shard], produce)
         weight_map.update({item[0]: fname for item in shard})
+        if lead and failure is None:
+            try:
+                total += write_safetensors(out_dir / fname, [(n, dt, s) for n, _, _, s, _ in shard], produce)
+            except (JaxsqlError, OSError) as e:
+                failure = f"{out_dir / fname}: {e}"
+        if many:  # the other processes, or the lead after a failure: keep the collectives in step
+            for item in shard:
+                if item[0] not in produced:
+                    produce(item[0])
 
-    (out_dir / INDEX_NAME).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
-           "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0]}
-    (out_dir / "generation_config.json").write_text(
-        json.dumps({k: v for k, v in gen.items() if v not in (None, [])}, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        _copy_tokenizer(Path(tokenizer_dir), out_dir)
-    (out_dir / EXPORT_MARKER).write_text("written by jaxsql models.hf_io.save_hf_checkpoint\n")
+    if lead and failure is None:
+        try:
+            (out_dir / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            (out_dir / "config.json").write_text(json.dumps(export_cfg.to_hf_dict(), indent=2) + "\n")
+            gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+                   "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0]}
+            (out_dir / "generation_config.json").write_text(
+                json.dumps({k: v for k, v in gen.items() if v not in (None, [])}, indent=2) + "\n")
+            if tokenizer_dir is not None:
+                _copy_tokenizer(Path(tokenizer_dir), out_dir)
+            (out_dir / EXPORT_MARKER).write_text("written by jaxsql models.hf_io.save_hf_checkpoint\n")
+        except (JaxsqlError, OSError) as e:
+            failure = str(e)
+    if distributed.any_process(failure is not None):
+        raise JaxsqlError(failure or f"{out_dir}: HF export failed on the lead process (see its log)")
     return out_dir

@@ -97,7 +97,7 @@ def param_shardings(cfg: ModelConfig, mesh, rules=None) -> Params:
     """Pytree of `NamedSharding` for the parameters on `mesh`."""
     from jaxsql.sharding import tree_shardings
 
-    return tree_shardings(param_axes(cfg), mesh, rules, param_shapes(cfg))
+    return tree_shardings(param_axes(cfg), mesh, rules, param_shapes(cfg), what="parameter")
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None, std: float = 0.02) -> Params:
@@ -123,6 +123,28 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules=None, std: fl
 
     shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
     return jax.jit(_init, out_shardings=shardings)(key)
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """A copy of `params` with every floating-point leaf in `dtype`, on the same shardings.
+
+    Mixed precision keeps float32 master weights for the optimizer; the
+    sampler and the reference model only read the weights, so they can run
+    from a bfloat16 copy (half the memory and bandwidth). A leaf already in
+    `dtype` is copied too, so the result never aliases a buffer that a
+    donated train state may invalidate.
+    """
+    dt = jnp.dtype(dtype)
+
+    def cast(x):
+        if x.dtype != dt and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dt)
+        return jnp.array(x, copy=True)  # jit would hand an unchanged input back as the same buffer
+
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), params)
+    if any(s is None for s in jax.tree.leaves(shardings, is_leaf=lambda s: s is None)):
+        return jax.jit(lambda p: jax.tree.map(cast, p))(params)
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 
 # --- KV cache -----------------------------------------------------------------

@@ -89,24 +89,45 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 
 
 def categorical(key: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
-    """Exact draw from softmax(logits) per row by inverting the CDF with one uniform per row.
+    """Exact draw from softmax(logits) per row, one uniform per row from `key` (`categorical_from_uniform`)."""
+    return categorical_from_uniform(jax.random.uniform(key, (logits_BV.shape[0],)), logits_BV, block)
+
+
+def categorical_from_uniform(u_B: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
+    """Exact draw from softmax(logits) per row by inverting the CDF at the row's uniform u in [0, 1).
 
     `jax.random.categorical` (Gumbel-max) needs B x V random numbers, which
-    dominated a CPU decode step; here u ~ U(0, 1] picks the first token whose
-    cumulative probability reaches u, found in two levels (blocks of `block`
-    tokens, then within the chosen block) so the scans stay short.
+    dominated a CPU decode step; here 1 - u in (0, 1] picks the first token
+    whose cumulative probability reaches it, found in two levels (blocks of
+    `block` tokens, then within the chosen block) so the scans stay short.
     """
     B, V = logits_BV.shape
     pad = (-V) % block
     p = jnp.pad(jax.nn.softmax(logits_BV, axis=-1), ((0, 0), (0, pad))).reshape(B, -1, block)
     block_mass = p.sum(-1)
     block_cdf = jnp.cumsum(block_mass, axis=-1)
-    u = (1.0 - jax.random.uniform(key, (B,))) * block_cdf[:, -1]  # (0, total]: never a zero-probability token
+    u = (1.0 - u_B) * block_cdf[:, -1]  # (0, total]: never a zero-probability token
     b = jnp.minimum(jnp.sum(block_cdf < u[:, None], axis=-1), block_cdf.shape[1] - 1)
     start = (jnp.take_along_axis(block_cdf, b[:, None], -1) - jnp.take_along_axis(block_mass, b[:, None], -1))[:, 0]
     inner_cdf = jnp.cumsum(jnp.take_along_axis(p, b[:, None, None], 1)[:, 0], axis=-1) + start[:, None]
     j = jnp.minimum(jnp.sum(inner_cdf < u[:, None], axis=-1), block - 1)
     return jnp.minimum(b * block + j, V - 1)
+
+
+def row_uniforms(key: jax.Array, rows: int, group: int, steps: int) -> jax.Array:
+    """[rows, steps] uniforms in [0, 1): entry (r, t) drives step t of row r = sample r % group
+    of prompt r // group, from ``fold_in(fold_in(key, prompt), sample)``.
+
+    A row's randomness depends only on the key, its prompt's position in the
+    global batch and its sample index, so the same rows draw the same tokens
+    however the batch is split over devices and processes.
+    """
+    r = jnp.arange(rows)
+
+    def one(prompt, sample):
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, prompt), sample), (steps,))
+
+    return jax.vmap(one)(r // group, r % group)
 
 
 def first_argmax(x_BV: jax.Array) -> jax.Array:
@@ -123,7 +144,13 @@ def first_argmax(x_BV: jax.Array) -> jax.Array:
 
 
 def sample_token(logits_BV: jax.Array, key: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """Draw one token per row; returns (token [B], model log-prob at the temperature [B])."""
+    """Draw one token per row with one uniform per row from `key` (`draw_token`)."""
+    return draw_token(logits_BV, jax.random.uniform(key, (logits_BV.shape[0],)), sp)
+
+
+def draw_token(logits_BV: jax.Array, u_B: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row at the row's uniform `u_B`; returns (token [B], model log-prob at
+    the temperature [B]). Greedy ignores `u_B`."""
     logits = logits_BV.astype(jnp.float32)
     temp = 1.0 if sp.greedy else sp.temperature
     scaled = logits / temp
@@ -145,7 +172,7 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, sp: SamplingParams) -> tu
                 n_keep = jnp.sum(keep, axis=-1)
                 threshold = jnp.take_along_axis(top_vals, (n_keep - 1)[:, None], axis=-1)[:, 0]
             filtered = jnp.where(scaled < threshold[:, None], -jnp.inf, scaled)
-        token = categorical(key, filtered)
+        token = categorical_from_uniform(u_B, filtered)
     logprob = jnp.take_along_axis(logp_BV, token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logprob
 
@@ -165,10 +192,31 @@ def _cpu_layout(params: Params, cfg: ModelConfig) -> Params:
     return params
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_samples", "cache_len", "unstack"))
+def _on_rows(x: jax.Array, rows: NamedSharding | None, axis: int = 0) -> jax.Array:
+    """`x` constrained to split its `axis` like the prompt rows (other axes left to XLA)."""
+    if rows is None:
+        return x
+    spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+    spec[axis] = rows.spec[0]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(rows.mesh, PartitionSpec(*spec)))
+
+
+def _cache_on_rows(cache: KVCache, rows: NamedSharding | None, unstack: bool) -> KVCache:
+    kv_axis = 0 if unstack else 1  # [B, ...] per layer, or stacked [L, B, ...]
+    k = jax.tree.map(lambda a: _on_rows(a, rows, kv_axis), cache.k)
+    v = jax.tree.map(lambda a: _on_rows(a, rows, kv_axis), cache.v)
+    return KVCache(k, v, _on_rows(cache.mask_BS, rows), cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_samples", "cache_len", "unstack", "rows"))
 def _prefill(params: Params, tokens_NP: jax.Array, mask_NP: jax.Array, cfg: ModelConfig, num_samples: int,
-             cache_len: int, unstack: bool) -> tuple[jax.Array, KVCache]:
-    """Run the prompts once, then repeat logits and cache for the G samples of each prompt."""
+             cache_len: int, unstack: bool, rows: NamedSharding | None = None
+             ) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+    """Run the prompts once, then repeat logits, cache and prompt rows for the G samples of each prompt.
+
+    Every row array stays split like the prompt rows (`rows`), whatever the
+    parameters' sharding, so each device decodes its own rows.
+    """
     N, P = tokens_NP.shape
     # Prompts attend only to each other (no work on the empty decode slots), and only the last
     # position's hidden state goes on to the vocabulary matmul.
@@ -178,7 +226,8 @@ def _prefill(params: Params, tokens_NP: jax.Array, mask_NP: jax.Array, cfg: Mode
     rep = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
     rep_kv = rep if unstack else functools.partial(jnp.repeat, repeats=num_samples, axis=1)  # [L, B, ...]
     cache = KVCache(jax.tree.map(rep_kv, cache.k), jax.tree.map(rep_kv, cache.v), rep(cache.mask_BS), cache.index)
-    return rep(logits_NV), cache
+    return (_on_rows(rep(logits_NV), rows), _cache_on_rows(cache, rows, unstack),
+            _on_rows(rep(tokens_NP), rows), _on_rows(rep(mask_NP), rows))
 
 
 class _LoopState(NamedTuple):
@@ -192,16 +241,20 @@ class _LoopState(NamedTuple):
     cache: KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "max_new"), donate_argnames=("logits_BV", "cache"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "max_new", "group", "unstack", "rows"),
+                   donate_argnames=("logits_BV", "cache"))
 def _decode(params: Params, logits_BV: jax.Array, cache: KVCache, positions_B: jax.Array, key: jax.Array,
-            cfg: ModelConfig, sp: SamplingParams, max_new: int):
+            cfg: ModelConfig, sp: SamplingParams, max_new: int, group: int, unstack: bool = False,
+            rows: NamedSharding | None = None):
     B = logits_BV.shape[0]
     stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
     check_stop = bool(sp.stop_ids) and not sp.ignore_stop
+    u_BM = None if sp.greedy else row_uniforms(key, B, group, max_new)
 
     def record(s: _LoopState) -> tuple[_LoopState, jax.Array]:
         """Sample this step's token from the current logits and write it down."""
-        token, logprob = sample_token(s.logits_BV, jax.random.fold_in(key, s.step), sp)
+        u_B = jnp.zeros((B,), jnp.float32) if u_BM is None else jax.lax.dynamic_index_in_dim(u_BM, s.step, 1, False)
+        token, logprob = draw_token(s.logits_BV, u_B, sp)
         token = jnp.where(s.done_B, sp.pad_id, token)
         logprob = jnp.where(s.done_B, 0.0, logprob)
         tokens = jax.lax.dynamic_update_slice(s.tokens_BM, token[:, None], (0, s.step))
@@ -220,22 +273,24 @@ def _decode(params: Params, logits_BV: jax.Array, cache: KVCache, positions_B: j
                                 mask_BT=jnp.ones((B, 1), jnp.bool_), cache=s.cache)
         return s._replace(logits_BV=logits[:, 0], positions_B=s.positions_B + 1, cache=cache)
 
-    init = _LoopState(jnp.zeros((), jnp.int32), logits_BV, jnp.full((B, max_new), sp.pad_id, jnp.int32),
-                      jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B,), jnp.bool_),
-                      jnp.zeros((B,), jnp.int32), positions_B, cache)
+    r = functools.partial(_on_rows, rows=rows)
+    init = _LoopState(jnp.zeros((), jnp.int32), r(logits_BV), r(jnp.full((B, max_new), sp.pad_id, jnp.int32)),
+                      r(jnp.zeros((B, max_new), jnp.float32)), r(jnp.zeros((B,), jnp.bool_)),
+                      r(jnp.zeros((B,), jnp.int32)), r(positions_B), _cache_on_rows(cache, rows, unstack))
     out = jax.lax.while_loop(cond, body, init)
     # The last token needs no forward pass; if every row stopped early, the write below is
     # padding at a column that is already padding.
     out, _ = record(out._replace(step=jnp.minimum(out.step, max_new - 1)))
     # The final logits and cache are returned so the donated input buffers can be aliased to them.
-    return out.tokens_BM, out.logprobs_BM, out.lengths_B, out.logits_BV, out.cache
+    return r(out.tokens_BM), r(out.logprobs_BM), r(out.lengths_B), out.logits_BV, out.cache
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, key: jax.Array,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, greedy: bool = False, stop_ids: Sequence[int] | None = None,
              ignore_stop: bool = False, pad_id: int | None = None,
-             buckets: Sequence[int] = DEFAULT_BUCKETS, unstack: bool | None = None) -> SampleOutput:
+             buckets: Sequence[int] = DEFAULT_BUCKETS, unstack: bool | None = None,
+             rules: ShardingRules | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (lists of token ids).
 
     `stop_ids` defaults to the config's EOS ids; `ignore_stop` masks their
@@ -247,11 +302,24 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     every decode step and fuses the narrow projections; on accelerators the
     stacked scan is kept (no extra parameter memory).
 
-    When the parameters live on a mesh whose batch axes ("data", "fsdp")
-    have more than one device, the prompts' rows are split over them (data
-    parallel, `batch_sharding`); a prompt count that does not divide evenly
-    is completed with filler rows that are dropped from the output.
+    When the parameters live on a mesh, the prompts' rows are split over its
+    batch axes (``rules.batch``, default "data" x "fsdp": data parallel,
+    `batch_sharding`). On one process a prompt count that does not divide
+    them is completed with filler rows that are dropped from the output.
+
+    Many processes: every process calls `generate` with the same arguments
+    except `prompts`, which are *this process's* rows of the global batch
+    (its block, `jaxsql.distributed.row_share`; the same number on every
+    process). The outputs are global arrays over all processes' rows, in
+    global order: `jaxsql.distributed.local_rows` gives this process's
+    samples, `jaxsql.distributed.to_host` all of them. Every sampled token
+    depends only on (`key`, its prompt's position in the global batch, its
+    sample index), so N processes draw what one process with the same
+    devices draws. The global prompt count must divide over the batch
+    devices (no filler rows across processes).
     """
+    from jaxsql import distributed
+
     if not prompts:
         raise JaxsqlError("generate: no prompts given")
     if any(len(p) == 0 for p in prompts):
@@ -268,51 +336,64 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     pad = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
     sp = SamplingParams(float(temperature), float(top_p), int(top_k), bool(greedy), stop, bool(ignore_stop), pad)
 
-    P = bucket_length(max(len(p) for p in prompts), buckets)
     N = len(prompts)
-    rows_sharding, shards = batch_sharding(params)
-    filler = -N % shards  # rows repeating the last prompt so every shard gets the same number
+    longest = max(len(p) for p in prompts)
+    rows_sharding, shards = batch_sharding(params, rules)
+    _, blocks = distributed.row_share(rows_sharding)
+    if blocks > 1:  # each process holds its own block of the rows
+        counts = distributed.process_values(np.asarray([N, longest], np.int64))
+        if len(set(counts[:, 0].tolist())) != 1:
+            raise JaxsqlError(f"generate: the processes hold {counts[:, 0].tolist()} prompts; each must give "
+                              f"the same number (its block of the global batch)")
+        longest = int(counts[:, 1].max())
+        if (N * blocks) % shards:
+            raise JaxsqlError(f"generate: {N * blocks} prompts ({N} on each of {blocks} processes) do not split "
+                              f"over the {shards} devices of the batch axes; use a multiple of {shards}")
+        filler = 0
+    else:
+        filler = -N % shards  # rows repeating the last prompt so every shard gets the same number
+    P = bucket_length(longest, buckets)
     tokens_NP, mask_NP = left_pad(list(prompts) + [prompts[-1]] * filler, P, pad)
     if rows_sharding is None:
         tokens_NP, mask_NP = jnp.asarray(tokens_NP), jnp.asarray(mask_NP)
     else:
-        # Every process holds the same host rows and contributes its own devices' shards, so this
-        # also builds the global arrays of a multi-host mesh.
-        tokens_NP, mask_NP = (jax.make_array_from_callback(a.shape, rows_sharding, lambda idx, a=a: a[idx])
-                              for a in (tokens_NP, mask_NP))
+        shape = ((N + filler) * blocks, P)
+        tokens_NP, mask_NP = (distributed.to_global(a, rows_sharding, shape) for a in (tokens_NP, mask_NP))
     if unstack is None:
         unstack = jax.default_backend() == "cpu"
     run_cfg = cfg
     if unstack:
         params = _cpu_layout(params, cfg)  # a copy, local to this call
         run_cfg = cfg.replace(tie_word_embeddings=False)  # the embedding's transpose is now lm_head
-    logits, cache = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples, P + max_new_tokens, unstack)
-    positions = jnp.repeat(jnp.sum(mask_NP, axis=1, dtype=jnp.int32), num_samples)
-    tokens, logprobs, lengths, _, _ = _decode(params, logits, cache, positions, key, run_cfg, sp, max_new_tokens)
-    out = SampleOutput(tokens, logprobs, lengths, jnp.repeat(tokens_NP, num_samples, axis=0),
-                       jnp.repeat(mask_NP, num_samples, axis=0))
+    logits, cache, prompt_tokens, prompt_mask = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples,
+                                                         P + max_new_tokens, unstack, rows_sharding)
+    positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    tokens, logprobs, lengths, _, _ = _decode(params, logits, cache, positions, key, run_cfg, sp, max_new_tokens,
+                                              num_samples, unstack, rows_sharding)
+    out = SampleOutput(tokens, logprobs, lengths, prompt_tokens, prompt_mask)
     if filler:
         out = SampleOutput(*(a[:N * num_samples] for a in out))
     return out
 
 
-def batch_sharding(params: Params) -> tuple[Any, int]:
+def batch_sharding(params: Params, rules: ShardingRules | None = None) -> tuple[Any, int]:
     """How `generate` splits its rows: (sharding of [rows, P] prompt arrays, number of row shards).
 
-    Rows go over the batch mesh axes ("data" and "fsdp", `ShardingRules`) of
-    the mesh the parameters live on, so every device decodes its share of
-    the batch (data parallel). Parameters on one device, or on a mesh whose
-    batch axes have size 1, give (None, 1): nothing is split.
+    Rows go over the batch mesh axes (``rules.batch``, default "data" and
+    "fsdp") of the mesh the parameters live on, so every device decodes its
+    share of the batch (data parallel); batch axes of size 1 give one
+    (replicated) shard. Parameters that are not on a mesh give (None, 1).
     """
     sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
     if not isinstance(sharding, NamedSharding):
         return None, 1
     mesh = sharding.mesh
-    names = [n for n in ShardingRules().batch if n in mesh.shape and mesh.shape[n] > 1]
+    batch = (rules or ShardingRules()).mesh_axes("batch")
+    names = [n for n in ((batch,) if isinstance(batch, str) else batch or ()) if mesh.shape[n] > 1]
     shards = math.prod(mesh.shape[n] for n in names)
-    if shards == 1:
+    if shards == 1 and mesh.size == 1:
         return None, 1
-    return NamedSharding(mesh, PartitionSpec(tuple(names), None)), shards
+    return NamedSharding(mesh, PartitionSpec(tuple(names) or None, None)), shards
 
 
 def last_level_cache_bytes() -> int | None:

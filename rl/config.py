@@ -10,7 +10,7 @@ value is validated at construction and a bad one fails naming
 - `AlgoSection`: advantage, loss aggregation, clip, KL, inner iterations, TIS, dynamic sampling.
 - `OptimSection`: AdamW, warmup + schedule, gradient clipping, micro-batches.
 - `CheckpointSection`: where and how often, how many to keep, HF export.
-- `MeshSection`: mesh shape (data, fsdp, tensor).
+- `MeshSection`: mesh shape (data, fsdp, tensor) and sharding rules.
 - ``reward``: a free mapping handed to ``jaxsql.rewards.RewardConfig``.
 """
 
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from jaxsql.config import load_config, require, to_dict
+from jaxsql.errors import JaxsqlError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,21 +32,31 @@ class ModelSection:
       path: HF checkpoint directory (config.json + safetensors + tokenizer), or "".
       preset: a ``models.config`` preset name used with random weights when `path` is "".
       tokenizer: tokenizer directory/file; "" means the one in `path`.
-      dtype: parameter dtype for training (float32 or bfloat16).
+      param_dtype: master weights and optimizer state (float32; bfloat16 only to save
+        memory, at the cost of small updates rounding away).
+      compute_dtype: matmul inputs of the forward and backward passes (float32 or
+        bfloat16); norms, softmax and log-probs stay float32.
       init_seed: seed of random initialisation (only with `preset`).
     """
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "dtype": "write model.param_dtype (master weights and optimizer state; float32 is "
+                 "right for training) and model.compute_dtype (matmul inputs, e.g. bfloat16)",
+    }
 
     path: str = ""
     preset: str = ""
     tokenizer: str = ""
-    dtype: str = "float32"
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
     init_seed: int = 0
 
     def __post_init__(self) -> None:
         require(bool(self.path) or bool(self.preset), "ModelSection", "path",
                 "set model.path (HF directory) or model.preset")
-        require(self.dtype in ("float32", "bfloat16"), "ModelSection", "dtype",
-                f"must be float32 or bfloat16, got {self.dtype!r}")
+        for f in ("param_dtype", "compute_dtype"):
+            require(getattr(self, f) in ("float32", "bfloat16"), "ModelSection", f,
+                    f"must be float32 or bfloat16, got {getattr(self, f)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,17 +228,42 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh; -1 on one axis takes the remaining devices."""
+    """Device mesh and how arrays are split over it.
+
+    Attributes:
+      data, fsdp, tensor: mesh shape; -1 on one axis takes the remaining devices.
+      rules: sharding preset of ``jaxsql.sharding.RULE_PRESETS``: dp (parameters
+        replicated), fsdp (parameters split along embed over fsdp) or fsdp_tensor
+        (fsdp plus heads / MLP / vocabulary over tensor).
+      rule_overrides: logical axis -> mesh axis (a name, a list of names, or null =
+        replicated) on top of the preset, e.g. ``{vocab: null}``.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    rules: str = "fsdp_tensor"
+    rule_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         dims = (self.data, self.fsdp, self.tensor)
         require(all(d == -1 or d >= 1 for d in dims), "MeshSection", "data",
                 "each axis must be >= 1 or -1")
         require(sum(d == -1 for d in dims) <= 1, "MeshSection", "data", "at most one axis may be -1")
+        from jaxsql.sharding import RULE_PRESETS
+
+        require(self.rules in RULE_PRESETS, "MeshSection", "rules",
+                f"unknown {self.rules!r}; presets are {sorted(RULE_PRESETS)}")
+        try:
+            self.sharding_rules()
+        except JaxsqlError as e:
+            require(False, "MeshSection", "rule_overrides", str(e))
+
+    def sharding_rules(self):
+        """The `jaxsql.sharding.ShardingRules` of `rules` with `rule_overrides` applied."""
+        from jaxsql.sharding import sharding_rules
+
+        return sharding_rules(self.rules, dict(self.rule_overrides))
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         """Concrete (data, fsdp, tensor) for `num_devices` devices."""

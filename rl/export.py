@@ -21,7 +21,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | N
 
     from models.hf_io import save_hf_checkpoint
     from models.model import init_params
-    from rl.config import ModelSection, OptimSection
+    from rl.config import OptimSection
     from rl.train_step import init_state, make_optimizer
 
     run_dir = Path(run_dir)
@@ -43,7 +43,14 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | N
     state, _ = ck.restore(target, meta["step"])
     tok = tokenizer
     if tok is None:
+        # the run config's own keys, not ModelSection(**model): a checkpoint written before a
+        # model key was renamed (model.dtype) must still export
         model = run_cfg.get("model", {})
-        tok = setup.tokenizer_dir(ModelSection(**model)) if model else None
+        tok = None
+        if model:
+            tok = model.get("tokenizer") or model.get("path")
+            if not tok:
+                raise CheckpointError("ModelSection.tokenizer: a preset model needs model.tokenizer "
+                                      "(a tokenizer directory); pass --tokenizer")
     ck.close()
     return save_hf_checkpoint(out_dir, cfg, state["train"]["params"], tokenizer_dir=tok, overwrite=overwrite)

@@ -24,29 +24,62 @@ from rl.config import CheckpointSection, DataSection, MeshSection, ModelSection
 
 
 def build_mesh(mesh: MeshSection):
-    """The (data, fsdp, tensor) mesh; an explicit shape smaller than the device count uses
-    the first devices (e.g. ``mesh.data=1`` for one device)."""
+    """The (data, fsdp, tensor) mesh of `mesh`, checked against the devices and its rules.
+
+    On one process an explicit shape smaller than the device count uses the
+    first devices (e.g. ``mesh.data=1`` for one device); on several processes
+    the mesh must cover every device. Fails at start, naming both numbers,
+    when the shape does not match the devices; when a mesh axis is used by no
+    sharding rule; or when the batch axes do not give each process one
+    contiguous block of rows (what the data pipeline and the sampler read).
+    """
     import math
 
-    from jaxsql.sharding import make_mesh
+    from jaxsql import distributed
+    from jaxsql.sharding import check_rules_fit_mesh, logical_to_sharding, make_mesh
 
     devices = jax.devices()
     shape = mesh.shape(len(devices))
-    return make_mesh(*shape, devices=devices[: math.prod(shape)])
+    if math.prod(shape) > len(devices) or (distributed.process_count() > 1 and math.prod(shape) != len(devices)):
+        raise JaxsqlError(
+            f"MeshSection: mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} "
+            f"devices, but {len(devices)} devices are available"
+            + (f" on {distributed.process_count()} processes (a multi-process mesh must use all of them)"
+               if distributed.process_count() > 1 else ""))
+    m = make_mesh(*shape, devices=devices[: math.prod(shape)])
+    rules = mesh.sharding_rules()
+    try:
+        check_rules_fit_mesh(rules, m)
+    except JaxsqlError as e:
+        raise JaxsqlError(f"MeshSection.rules: {e}") from None
+    if distributed.process_count() > 1:
+        rows = logical_to_sharding(("batch",), m, rules)
+        if distributed.row_share(rows) != (distributed.process_index(), distributed.process_count()):
+            batch = rules.mesh_axes("batch")
+            split = " x ".join(f"{n}={m.shape[n]}" for n in ((batch,) if isinstance(batch, str) else batch or ()))
+            raise JaxsqlError(
+                f"MeshSection: the batch axes ({split}) do not give each of the {distributed.process_count()} "
+                f"processes its own block of rows; make their product a multiple of the process count")
+    return m
 
 
 def load_policy(model: ModelSection, mesh, rules=None) -> tuple[ModelConfig, Any]:
-    """(config, params on their shardings) from an HF directory or a random preset."""
+    """(config, params on their shardings) from an HF directory or a random preset.
+
+    The parameters are stored in `model.param_dtype` (the master weights) and
+    the model computes in `model.compute_dtype` (`ModelConfig.compute_dtype`).
+    """
     if model.path:
         from models.hf_io import load_hf_checkpoint
 
         if not Path(model.path).is_dir():
             raise JaxsqlError(f"ModelSection.path: {model.path} is not a directory")
-        return load_hf_checkpoint(model.path, mesh=mesh, rules=rules, param_dtype=model.dtype)
+        return load_hf_checkpoint(model.path, mesh=mesh, rules=rules, param_dtype=model.param_dtype,
+                                  compute_dtype=model.compute_dtype)
     from models.config import preset
     from models.model import init_params
 
-    cfg = preset(model.preset, param_dtype=model.dtype, compute_dtype=model.dtype)
+    cfg = preset(model.preset, param_dtype=model.param_dtype, compute_dtype=model.compute_dtype)
     return cfg, init_params(cfg, jax.random.PRNGKey(model.init_seed), mesh, rules)
 
 
@@ -110,14 +143,21 @@ def load_examples(data: DataSection, run_dir: str | Path) -> list[Example]:
     return list(examples)
 
 
-def data_stream(examples: list[Example], data: DataSection, batch_size: int):
-    """An endless, seeded, checkpointable grain iterator of batches (lists of Example)."""
-    from data.pipeline import make_iterator
+def data_stream(examples: list[Example], data: DataSection, batch_size: int, *,
+                process_index: int | None = None, process_count: int | None = None):
+    """An endless, seeded, checkpointable grain iterator of this process's slices of the
+    global batches of `batch_size` examples (`data.pipeline`; process defaults from jax):
+    N processes read together exactly the batches one process reads."""
+    from data.pipeline import make_iterator, process_rows
 
     if len(examples) < batch_size:
         raise JaxsqlError(f"DataSection.batch_size: {batch_size} is more than the {len(examples)} examples")
+    try:
+        process_rows(batch_size, process_index, process_count)
+    except JaxsqlError as e:
+        raise JaxsqlError(f"DataSection.batch_size: {e}") from None
     return make_iterator(examples, batch_size=batch_size, seed=data.shuffle_seed, num_epochs=None,
-                         drop_remainder=True)
+                         drop_remainder=True, process_index=process_index, process_count=process_count)
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:

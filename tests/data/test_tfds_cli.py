@@ -23,7 +23,7 @@ def test_no_tensorflow_and_roundtrip(built, small_bench):
     assert list(built.data_path.glob("*.array_record-*"))
     src = data_source(built.data_dir, "train")
     by_id = {e.id: e for e in small_bench.train}
-    batches = list(make_iterator(src, batch_size=8, seed=0, shard_index=0, shard_count=1))
+    batches = list(make_iterator(src, batch_size=8, seed=0, process_index=0, process_count=1))
     got = [e for b in batches for e in b]
     assert sorted(e.id for e in got) == sorted(by_id)
     assert all(e == by_id[e.id] for e in got)
@@ -33,7 +33,7 @@ def test_tfds_source_resume_and_shards(built):
     import tensorflow_datasets as tfds
 
     src = tfds.data_source("jaxsql_jsonl", data_dir=str(built.data_dir_root), split="train")
-    kw = dict(batch_size=5, seed=4, num_epochs=2, shard_index=1, shard_count=2)
+    kw = dict(batch_size=6, seed=4, num_epochs=2, process_index=1, process_count=2)
     full = [[e.id for e in b] for b in make_iterator(src, **kw)]
     it = make_iterator(src, **kw)
     for _ in range(5):

@@ -24,14 +24,63 @@ def test_make_mesh_checks_device_count():
 
 def test_rules_map_logical_axes():
     mesh = make_mesh(2, 2, 2)
-    s = logical_to_sharding(("batch", "seq", "embed"), mesh)
-    assert s.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)  # fsdp already used by batch
+    s = logical_to_sharding(("batch", "seq", None), mesh)
+    assert s.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
     s = logical_to_sharding(("layers", "embed", "heads", "head_dim"), mesh)
     assert s.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    s = logical_to_sharding(("kv_heads",), mesh, shape=(3,))
-    assert s.spec == jax.sharding.PartitionSpec(None)  # 3 heads do not split over 2 devices
     with pytest.raises(JaxsqlError, match="unknown mesh axis"):
         ShardingRules(embed="model")
+
+
+def test_rules_that_cannot_be_honoured_are_errors_not_replication():
+    mesh = make_mesh(2, 2, 2)
+    # fsdp is asked for by batch and by embed: once the first silently won
+    with pytest.raises(JaxsqlError, match=r"x: mesh axis 'fsdp' is asked for by dimension 0 \('batch'\) "
+                                          r"and dimension 2 \('embed'\)"):
+        logical_to_sharding(("batch", "seq", "embed"), mesh, name="x")
+    # 3 heads do not split over 2 devices: once replicated, now an error with the sizes
+    with pytest.raises(JaxsqlError, match=r"wk: dimension 0 \('kv_heads'\) of size 3 does not divide over "
+                                          r"mesh axes tensor=2 = 2"):
+        logical_to_sharding(("kv_heads",), mesh, shape=(3,), name="wk")
+    # rows of activations are the listed exception (few prompts on many devices) ...
+    s = logical_to_sharding(("batch", None), mesh, shape=(2, 5))
+    assert s.spec == jax.sharding.PartitionSpec(None, None)
+    # ... and taking it off the list makes them an error too
+    strict = ShardingRules(replicate_indivisible=())
+    with pytest.raises(JaxsqlError, match="of size 2 does not divide over mesh axes data=2 x fsdp=2 = 4"):
+        logical_to_sharding(("batch", None), mesh, strict, shape=(2, 5))
+    # a parameter names its path
+    cfg = preset("tiny", num_layers=1, num_kv_heads=1, num_heads=4, qkv_bias=False)
+    from models.model import param_shardings
+
+    with pytest.raises(JaxsqlError, match=r"parameter layers/wk: dimension 2 \('kv_heads'\) of size 1"):
+        param_shardings(cfg, mesh)
+
+
+def test_rule_presets_and_overrides():
+    from jaxsql.sharding import RULE_PRESETS, check_rules_fit_mesh, sharding_rules
+
+    assert set(RULE_PRESETS) == {"dp", "fsdp", "fsdp_tensor"}
+    assert sharding_rules() == ShardingRules()
+    cfg = preset("tiny", num_layers=1)
+    from models.model import param_shardings
+
+    mesh = make_mesh(2, 4, 1)
+    dp = param_shardings(cfg, mesh, sharding_rules("dp"))
+    assert all(s.spec == jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in jax.tree.leaves(dp))
+    fsdp = param_shardings(cfg, mesh, sharding_rules("fsdp"))
+    assert fsdp["embed"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert fsdp["layers"]["wq"].spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    mixed = sharding_rules("fsdp_tensor", {"vocab": None, "batch": ["data"]})
+    assert mixed.vocab is None and mixed.batch == ("data",) and mixed.heads == "tensor"
+    with pytest.raises(JaxsqlError, match="unknown sharding rules 'zero3'"):
+        sharding_rules("zero3")
+    with pytest.raises(JaxsqlError, match=r"unknown logical axes \['vocabulary'\]"):
+        sharding_rules("fsdp", {"vocabulary": None})
+    # a mesh axis that no rule splits over would only repeat the work
+    with pytest.raises(JaxsqlError, match="mesh axis tensor=2 is used by no sharding rule"):
+        check_rules_fit_mesh(sharding_rules("fsdp"), make_mesh(2, 2, 2))
+    check_rules_fit_mesh(sharding_rules("fsdp_tensor"), make_mesh(2, 2, 2))
 
 
 def test_param_axes_cover_every_leaf():
