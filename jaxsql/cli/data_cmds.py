@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from jaxsql.errors import UsageError
@@ -54,8 +55,8 @@ def _stats(args: argparse.Namespace) -> int:
     from data.readers import read_examples
     from jaxsql.sql.sandbox import execute
 
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     options: dict = {}
     if args.no_databases:
         options["require_databases"] = False
