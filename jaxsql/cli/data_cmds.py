@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--manual-dir", required=True, help="folder holding the source data")
     p.add_argument("--data-dir", default="tfds_data", help="TFDS output directory (default ./tfds_data)")
     p.add_argument("--config", default=None, help="builder config (geoquery: question or query)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="replace an existing build whose source folder changed since it was made")
     p.set_defaults(func=_build)
 
     p = dsub.add_parser("synth", help="write the synthetic benchmark (databases + train/dev JSONL)")
@@ -97,9 +99,10 @@ def _stats(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from data.tfds_builders import build_dataset
 
-    builder = build_dataset(args.source, args.manual_dir, args.data_dir, config=args.config)
+    builder = build_dataset(args.source, args.manual_dir, args.data_dir, config=args.config, rebuild=args.rebuild)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-    print(json.dumps({"name": builder.name, "dir": str(builder.data_dir), "splits": splits}, indent=1))
+    print(json.dumps({"name": builder.name, "dir": str(builder.data_dir), "splits": splits,
+                      "reused": builder.jaxsql_reused}, indent=1))
     return 0
 
 
