@@ -314,6 +314,8 @@ class SqlPool:
         return result
 
     def _store(self, store: str, key: Hashable, result: ExecResult, size: int) -> None:
+        if size > self.cache_bytes:
+            return  # would evict everything else and then itself
         with self._lock:
             cache = self._gold if store == "gold" else self._cache
             old = cache.pop(key, None)

@@ -199,3 +199,23 @@ def test_vm_step_timeouts_are_cached_deadline_timeouts_are_not(tiny_db):
 def test_bad_budget_settings_name_the_field(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         SqlPool(**kwargs)
+
+
+def test_cache_bytes_bound_evicts_queries_before_gold(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(2, cache_bytes=20_000) as pool:
+        gold = pool.gold_result("ex1", db, "SELECT name FROM people")
+        pool.execute_batch([(db, f"SELECT x, {i} FROM big WHERE x < 1000") for i in range(6)])  # ~8 KB each
+        s = pool.stats()
+        assert s["cached_bytes"] <= 20_000 and s["gold_cached"] == 1 and 0 < s["cached"] < 6
+        assert pool.gold_result("ex1", db, "SELECT name FROM people") is gold  # gold kept
+        before = pool.stats()
+        big = pool.execute_batch([(db, "SELECT x, x, x FROM big")])[0]  # larger than the whole budget
+        after = pool.stats()
+        assert big.ok and after["cached_bytes"] == before["cached_bytes"]  # not cached, nothing evicted
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_memory=1 << 20), dict(max_memory=True), dict(cache_bytes=-1)])
+def test_bad_memory_settings_name_the_field(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        SqlPool(**kwargs)
