@@ -233,6 +233,9 @@ def serve(parent_pid: int, max_memory: int) -> None:
                 conns.close_all()
                 result = ExecResult.failure("too_large", "the query used up the worker's memory budget",
                                             limit="memory")
+            except Exception as e:  # noqa: BLE001 - one job must not end the worker
+                conns.close_all()
+                result = ExecResult.failure("runtime", f"internal error: {type(e).__name__}: {e}")
             cpu = time.thread_time() - cpu
             try:
                 reply = _encode(result, cpu)
