@@ -52,8 +52,8 @@ DEFAULT_MAX_BYTES = 64 << 20
 #: Private memory of one worker process, SQLite's heap included (see `jaxsql.sql.worker`).
 DEFAULT_MAX_MEMORY = 512 << 20
 
-#: VM instructions between two deadline checks. Each check takes the GIL, so a
-#: small value costs concurrency; 10k instructions are ~0.25 ms of SQLite work.
+#: VM instructions between two deadline checks. Each check calls into Python, so a
+#: small value costs time; 10k instructions are ~0.25 ms of SQLite work.
 PROGRESS_EVERY = 10_000
 #: Longest query text, in UTF-8 bytes (SQLite's own limit is 1 GB).
 MAX_SQL_BYTES = 4 << 20
