@@ -164,6 +164,7 @@ class SqlPool:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=self.timeout_s + KILL_GRACE_S + 5.0)
+        workers.reap_killed(block=True)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live worker processes (for monitoring)."""

@@ -59,8 +59,8 @@ _TRANSFER_GRACE_S = 30.0
 CONNECTIONS_PER_WORKER = 32
 #: Smallest ``max_memory``: the interpreter and the sandbox need about 40 MiB of it.
 MIN_MAX_MEMORY = 128 << 20
-#: A worker whose peak memory passed this fraction of its budget is replaced after its job.
-_RECYCLE_FRACTION = 0.6
+#: A worker still holding this fraction of its budget after a job is replaced (fragmented heap).
+_RECYCLE_FRACTION = 0.5
 #: Exit status of a worker that could not even report running out of memory.
 _EXIT_OUT_OF_MEMORY = 3
 _HEADER = struct.Struct("<Q")
@@ -70,7 +70,7 @@ class Telemetry(NamedTuple):
     """What a worker reports with each result."""
 
     cpu_s: float  # CPU seconds the job took in the worker
-    peak_rss: int  # the worker's peak resident memory so far, bytes
+    peak_rss: int  # the worker's peak resident memory so far (VmHWM), bytes
     reply_bytes: int  # size of the encoded result: what holding it costs, roughly
     killed: bool = False  # the worker was killed at the job's deadline
 
@@ -78,8 +78,25 @@ class Telemetry(NamedTuple):
 _NO_TELEMETRY = Telemetry(0.0, 0, 0)
 
 
-def _peak_rss_bytes(ru_maxrss: int) -> int:
-    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
+def memory_status(pid: int | str = "self") -> tuple[int, int]:
+    """(peak RSS, current anonymous RSS) of a process in bytes, from ``/proc/<pid>/status`` (Linux; else zeros).
+
+    Not ``getrusage``: its ``ru_maxrss`` keeps the peak of the process that
+    spawned this one (Linux carries it across ``exec``), so a worker started
+    by a 3 GB trainer would report 3 GB.
+    """
+    peak = anon = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+                elif line.startswith(b"RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak, anon
 
 
 # -- framing ------------------------------------------------------------------------------------
@@ -205,9 +222,9 @@ def _run_job(conns: _Connections, request: tuple) -> ExecResult:
 
 
 def _encode(result: ExecResult, cpu_s: float) -> bytes:
-    peak = _peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    peak, anon = memory_status()
     return marshal.dumps((result.ok, result.columns, result.rows, result.error, result.message,
-                          result.elapsed_s, result.limit, result.vm_steps, cpu_s, peak))
+                          result.elapsed_s, result.limit, result.vm_steps, cpu_s, peak, anon))
 
 
 def serve(parent_pid: int, max_memory: int) -> None:
@@ -256,6 +273,21 @@ class WorkerGone(Exception):
     """The worker process was not there to take a job (nothing of the job ran)."""
 
 
+_killed_lock = threading.Lock()
+_killed: list[Worker] = []
+
+
+def reap_killed(block: bool) -> None:
+    """Collect killed workers that have finished exiting (all of them, waiting, if `block`)."""
+    with _killed_lock:
+        pending = list(_killed)
+    done = [w for w in pending if w._reap(block)]
+    with _killed_lock:
+        for w in done:
+            if w in _killed:
+                _killed.remove(w)
+
+
 def _child_command(max_memory: int) -> list[str]:
     import jaxsql
 
@@ -271,6 +303,7 @@ class Worker:
     """One worker process, driven by one thread at a time."""
 
     def __init__(self, max_memory: int) -> None:
+        reap_killed(block=False)
         self.max_memory = int(max_memory)
         req_r, req_w = os.pipe2(os.O_CLOEXEC)
         rep_r, rep_w = os.pipe2(os.O_CLOEXEC)
@@ -329,6 +362,8 @@ class Worker:
         overran = time.perf_counter() >= sent + timeout_s + KILL_GRACE_S
         self.kill()
         elapsed = time.perf_counter() - sent
+        if not overran:  # it died on its own: its exit status says how
+            self._reap(block=True)
         if overran:
             return ExecResult.failure(
                 "timeout", "stopped at the deadline: SQLite was still preparing the statement or inside one "
@@ -341,23 +376,22 @@ class Worker:
                                   elapsed), _NO_TELEMETRY
 
     def _decode(self, body: bytes) -> tuple[ExecResult, Telemetry]:
-        ok, columns, rows, error, message, elapsed_s, limit, vm_steps, cpu_s, peak = marshal.loads(body)
+        ok, columns, rows, error, message, elapsed_s, limit, vm_steps, cpu_s, peak, anon = marshal.loads(body)
         self.peak_rss = max(self.peak_rss, peak)
         result = ExecResult(ok=ok, columns=columns, rows=rows, error=error, message=message,
                             elapsed_s=elapsed_s, limit=limit, vm_steps=vm_steps)
-        if peak > _RECYCLE_FRACTION * self.max_memory:
-            self.close()  # its memory may stay fragmented; the next job gets a fresh one
+        if anon > _RECYCLE_FRACTION * self.max_memory:
+            self.close()  # it kept the memory of a big job; the next job gets a fresh worker
         return result, Telemetry(cpu_s, peak, len(body))
 
     def _reap(self, block: bool) -> bool:
         try:
-            pid, status, usage = os.wait4(self.pid, 0 if block else os.WNOHANG)
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             return True
         if pid == 0:
             return False
         self.exit_status = os.waitstatus_to_exitcode(status)
-        self.peak_rss = max(self.peak_rss, _peak_rss_bytes(usage.ru_maxrss))
         return True
 
     def _close_fds(self) -> None:
@@ -368,16 +402,24 @@ class Worker:
                 pass
 
     def kill(self) -> None:
-        """SIGKILL the process and reap it (its peak memory goes to `peak_rss`)."""
+        """SIGKILL the process (its peak memory goes to `peak_rss` first).
+
+        Does not wait while the kernel frees a large address space: a
+        process not yet reaped is reaped later (`reap_killed`).
+        """
         if not self.alive:
             return
         self.alive = False
+        self.peak_rss = max(self.peak_rss, memory_status(self.pid)[0])
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._reap(block=True)
         self._close_fds()
+        if not self._reap(block=False):
+            with _killed_lock:
+                _killed.append(self)
+        reap_killed(block=False)
 
     def close(self, wait_s: float = 1.0) -> None:
         """Let the process exit (end of input), killing it if it has not within `wait_s`."""
@@ -468,12 +510,13 @@ def run_isolated(request: tuple, timeout_s: float, max_memory: int) -> ExecResul
 
 
 def close_shared_workers() -> None:
-    """Stop the idle workers of `run_isolated` (at exit; tests measuring their memory)."""
+    """Stop the idle workers of `run_isolated` and reap killed ones (at exit; tests measuring their memory)."""
     with _shared_lock:
         workers = [w for ws in _shared_idle.values() for w in ws] if _shared_pid == os.getpid() else []
         _shared_idle.clear()
     for w in workers:
         w.close()
+    reap_killed(block=True)
 
 
 atexit.register(close_shared_workers)

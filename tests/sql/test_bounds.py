@@ -76,7 +76,10 @@ try:
     close_shared_workers()
 except ImportError:
     pass
-out["self_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries the peak of the (forking) parent across exec into ru_maxrss
+with open("/proc/self/status") as f:
+    out["self_peak_mb"] = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+# the workers were spawned by this small process, so their ru_maxrss is their own
 out["children_peak_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(out))
 """

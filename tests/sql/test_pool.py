@@ -81,6 +81,7 @@ def test_gold_results_cached_per_example(tiny_db):
 def test_timeout_does_not_delay_other_jobs(tiny_db):
     db = str(tiny_db)
     with SqlPool(2, timeout_s=1.5, cache_size=0) as pool:
+        pool.execute_batch([(db, "SELECT 1"), (db, "SELECT 2")])  # workers started (booting is not the point)
         finished = {}
 
         def fast_batch():
