@@ -16,11 +16,19 @@ evidence, gold_sql, gold_answers, difficulty, source``; ``gold_sql`` is
 ``db_path`` is absolute: the databases stay where the reader found (or, for
 TempTabQA-C, built) them; TempTabQA-C databases are built under
 ``data_dir/jaxsql_temptabqa_c_databases``.
+
+`build_dataset` records a fingerprint of ``manual_dir`` beside the build
+(`SOURCE_RECORD`); building again reuses the build only when the source is
+unchanged, and otherwise refuses with a line naming what changed (or, with
+``rebuild=True``, builds afresh).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +38,10 @@ from data.records import Example
 from jaxsql.errors import JaxsqlError
 
 FIELDS = ("id", "db_path", "question", "evidence", "gold_sql", "gold_answers", "difficulty", "source")
+#: File written beside ``dataset_info.json``: what the build was made from.
+SOURCE_RECORD = "jaxsql_source.json"
+#: Files up to this size are fingerprinted by content; larger ones (databases) by size and mtime.
+_HASH_CONTENT_BYTES = 64 << 20
 
 
 def example_to_record(ex: Example) -> dict[str, str]:
@@ -87,8 +99,18 @@ class _ReaderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, manual_dir: Path, split: str) -> Iterator[tuple[str, dict[str, str]]]:
         from data.readers import read_examples
 
-        for ex in read_examples(self.SOURCE, manual_dir, split=split, **self._reader_kwargs()):
-            yield ex.id, example_to_record(ex)
+        yield from _nonempty(self.name, split, manual_dir, (
+            (ex.id, example_to_record(ex))
+            for ex in read_examples(self.SOURCE, manual_dir, split=split, **self._reader_kwargs())))
+
+
+def _nonempty(name: str, split: str, manual_dir: Path, records: Iterator) -> Iterator:
+    """`records`, or a one-line error when the split has none (tfds would assert deep inside its writer)."""
+    n = 0
+    for n, record in enumerate(records, 1):
+        yield record
+    if n == 0:
+        raise JaxsqlError(f"{name}: split {split!r} of {manual_dir} has no examples; nothing was built")
 
 
 class JaxsqlSpider(_ReaderBuilder):
@@ -155,8 +177,9 @@ class JaxsqlJsonl(_ReaderBuilder):
     def _generate_examples(self, manual_dir: Path, split: str) -> Iterator[tuple[str, dict[str, str]]]:
         from data.readers.jsonl import read_jsonl
 
-        for ex in read_jsonl(manual_dir / f"{split}.jsonl", **self._reader_kwargs()):
-            yield ex.id, example_to_record(ex)
+        yield from _nonempty(self.name, split, manual_dir, (
+            (ex.id, example_to_record(ex))
+            for ex in read_jsonl(manual_dir / f"{split}.jsonl", **self._reader_kwargs())))
 
 
 BUILDERS: dict[str, type[_ReaderBuilder]] = {
@@ -165,20 +188,95 @@ BUILDERS: dict[str, type[_ReaderBuilder]] = {
 }
 
 
+def source_fingerprint(manual_dir: str | Path, exclude: Path | None = None) -> dict[str, Any]:
+    """What a build is made of: every file under `manual_dir` (hidden ones and `exclude` skipped).
+
+    Files up to 64 MiB count by content (SHA-256), larger ones (databases) by
+    size and modification time. Returns ``{"digest": hex, "files": {relative
+    path: fingerprint}}``.
+    """
+    root = Path(manual_dir).resolve()
+    skip = exclude.resolve() if exclude is not None else None
+    files: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (skip is None or here / d != skip))
+        for name in sorted(filenames):
+            path = here / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            st = path.stat()
+            if st.st_size <= _HASH_CONTENT_BYTES:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                files[path.relative_to(root).as_posix()] = "sha256:" + h.hexdigest()
+            else:
+                files[path.relative_to(root).as_posix()] = f"size:{st.st_size}:mtime_ns:{st.st_mtime_ns}"
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "files": files}
+
+
+def _changes(old: dict[str, str], new: dict[str, str]) -> str:
+    parts = [f"changed {k}" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+    parts += [f"added {k}" for k in sorted(new.keys() - old.keys())]
+    parts += [f"removed {k}" for k in sorted(old.keys() - new.keys())]
+    shown = ", ".join(parts[:3])
+    return shown + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
+
+
 def build_dataset(source: str, manual_dir: str | Path, data_dir: str | Path, *, config: str | None = None,
-                  reader_options: dict[str, Any] | None = None) -> _ReaderBuilder:
-    """Build (or reuse) the ArrayRecord dataset of `source`; returns the prepared builder."""
+                  reader_options: dict[str, Any] | None = None, rebuild: bool = False) -> _ReaderBuilder:
+    """Build the ArrayRecord dataset of `source` (or reuse an up-to-date build); returns the prepared builder.
+
+    A build records `source_fingerprint` of `manual_dir` in `SOURCE_RECORD`.
+    An existing build is reused when the fingerprint (and the reader options)
+    are unchanged; otherwise this raises `JaxsqlError` naming what changed,
+    unless `rebuild` is True, which deletes that build and makes a new one.
+    The builder's ``jaxsql_reused`` attribute says which happened.
+    """
     cls = BUILDERS.get(source)
     if cls is None:
         raise JaxsqlError(f"no TFDS builder for source {source!r}; expected one of {sorted(BUILDERS)}")
-    if not Path(manual_dir).is_dir():
+    manual = Path(manual_dir)
+    if not manual.is_dir():
         raise JaxsqlError(f"manual_dir not found: {manual_dir}")
+    if not any(p for p in manual.iterdir() if not p.name.startswith(".")):
+        raise JaxsqlError(f"manual_dir {manual_dir} is empty. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     kwargs: dict[str, Any] = {"data_dir": str(data_dir), "file_format": "array_record"}
     if config is not None:
         kwargs["config"] = config
     builder = cls(reader_options=reader_options, **kwargs)
-    dl_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    fingerprint = source_fingerprint(manual, exclude=Path(data_dir))
+    record = {"source": source, "manual_dir": str(manual.resolve()), "config": config,
+              "reader_options": {k: str(v) for k, v in sorted((reader_options or {}).items())}, **fingerprint}
+    version_dir = Path(str(builder.data_dir))
+    if (version_dir / "dataset_info.json").is_file():
+        old_path = version_dir / SOURCE_RECORD
+        try:
+            old = json.loads(old_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        same = ("digest", "config", "reader_options")
+        if old is not None and all(old.get(k) == record[k] for k in same):
+            builder.jaxsql_reused = True
+            return builder
+        if not rebuild:
+            if old is None:
+                why = f"it has no {SOURCE_RECORD}, so whether {manual_dir} changed since cannot be told"
+            elif old.get("digest") != record["digest"]:
+                why = f"{manual_dir} changed since it was built ({_changes(old['files'], record['files'])})"
+            else:
+                why = "it was built with another config or other reader options"
+            raise JaxsqlError(f"a build of {source} already exists in {version_dir} but {why}; "
+                              "pass --rebuild to replace it")
+        shutil.rmtree(version_dir)
+        builder = cls(reader_options=reader_options, **kwargs)
+    dl_config = tfds.download.DownloadConfig(manual_dir=str(manual))
     builder.download_and_prepare(download_config=dl_config)
+    (version_dir / SOURCE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+    builder.jaxsql_reused = False
     return builder
 
 

@@ -42,14 +42,45 @@ class SafetensorsReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
+            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file's {size} bytes")
                 header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise JaxsqlError(f"{self.path}: not a readable safetensors file ({e})") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.header: dict[str, dict[str, Any]] = header
         self._data_start = 8 + n
+        self.header: dict[str, dict[str, Any]] = self._checked(header, size - self._data_start)
+        self.metadata = header.get("__metadata__") or {}
+
+    def _checked(self, header: Any, data_bytes: int) -> dict[str, dict[str, Any]]:
+        """The tensor entries of `header`, each validated, or one `JaxsqlError` naming what is wrong."""
+
+        def bad(what: str) -> JaxsqlError:
+            return JaxsqlError(f"{self.path}: corrupt safetensors header: {what}")
+
+        if not isinstance(header, dict):
+            raise bad(f"expected a JSON object, found {type(header).__name__}")
+        meta = header.get("__metadata__")
+        if meta is not None and not isinstance(meta, dict):
+            raise bad("__metadata__ is not an object")
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+                raise bad(f"tensor {name!r} needs dtype, shape and data_offsets")
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise bad(f"tensor {name!r} has shape {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+                raise bad(f"tensor {name!r} has data_offsets {offsets!r} outside the {data_bytes} data bytes")
+            if not isinstance(info["dtype"], str):
+                raise bad(f"tensor {name!r} has dtype {info['dtype']!r}")
+            out[name] = info
+        return out
 
     def keys(self) -> list[str]:
         return list(self.header)

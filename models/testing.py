@@ -65,13 +65,31 @@ def save_random_hf_checkpoint(out_dir: str | Path, family: str = "qwen2", *, see
     return out_dir
 
 
+def _byte_level_chars() -> list[str]:
+    """The character byte-level BPE uses for each byte value 0..255, in byte order (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
 def save_test_tokenizer(out_dir: str | Path) -> Path:
-    """Byte-level BPE with no merges: specials <pad>=0, <bos>=1, <eos>=2, then the 256 bytes."""
+    """Byte-level BPE with no merges: specials <pad>=0, <bos>=1, <eos>=2, then the 256 bytes in byte order.
+
+    The same files on every call (ids do not depend on set iteration order).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    # ByteLevel.alphabet() is a set in a random order each run; ids follow the byte values instead.
+    byte_chars = _byte_level_chars()
+    assert set(byte_chars) == set(pre_tokenizers.ByteLevel.alphabet())
+    for ch in byte_chars:
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

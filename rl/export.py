@@ -29,6 +29,11 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | N
     if not ck_dir.is_dir():
         raise CheckpointError(f"{ck_dir} does not exist (expected a run directory with checkpoints/)")
     ck = Checkpointer(ck_dir, async_save=False)
+    steps = ck.all_steps()
+    if step is not None and step not in steps:
+        ck.close()
+        have = ", ".join(map(str, steps)) if steps else "none"
+        raise CheckpointError(f"--step {step}: no such checkpoint in {ck_dir} (steps saved: {have})")
     meta = ck.read_meta(step)
     extra = meta.get("extra") or {}
     if "model_config" not in extra:

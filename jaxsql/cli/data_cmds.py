@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from jaxsql.errors import UsageError
@@ -33,6 +34,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--manual-dir", required=True, help="folder holding the source data")
     p.add_argument("--data-dir", default="tfds_data", help="TFDS output directory (default ./tfds_data)")
     p.add_argument("--config", default=None, help="builder config (geoquery: question or query)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="replace an existing build whose source folder changed since it was made")
     p.set_defaults(func=_build)
 
     p = dsub.add_parser("synth", help="write the synthetic benchmark (databases + train/dev JSONL)")
@@ -54,8 +57,8 @@ def _stats(args: argparse.Namespace) -> int:
     from data.readers import read_examples
     from jaxsql.sql.sandbox import execute
 
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     options: dict = {}
     if args.no_databases:
         options["require_databases"] = False
@@ -96,9 +99,10 @@ def _stats(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from data.tfds_builders import build_dataset
 
-    builder = build_dataset(args.source, args.manual_dir, args.data_dir, config=args.config)
+    builder = build_dataset(args.source, args.manual_dir, args.data_dir, config=args.config, rebuild=args.rebuild)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-    print(json.dumps({"name": builder.name, "dir": str(builder.data_dir), "splits": splits}, indent=1))
+    print(json.dumps({"name": builder.name, "dir": str(builder.data_dir), "splits": splits,
+                      "reused": builder.jaxsql_reused}, indent=1))
     return 0
 
 

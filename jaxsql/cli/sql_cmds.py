@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from jaxsql.errors import UsageError
 
@@ -14,7 +15,10 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     """Add this module's subcommands to `sub` and benchmarks to `bench`."""
     p = sub.add_parser("exec", help="run one SQL query in the sandbox and print a JSON result")
     p.add_argument("db", help="SQLite database file (opened read-only)")
-    p.add_argument("sql", help="the query")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("sql", nargs="?", default=None, help="the query ('-': read it from standard input)")
+    query.add_argument("--file", "-f", default=None, metavar="PATH",
+                       help="read the query from this file ('-': standard input), for queries of any size")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline (default 5)")
     p.add_argument("--max-rows", type=int, default=10_000, metavar="N", help="row cap (default 10000)")
     p.add_argument("--max-vm-steps", type=int, default=None, metavar="N",
@@ -49,11 +53,31 @@ def _check_limits(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-vm-steps must be >= 1, got {args.max_vm_steps}")
 
 
+def _read_sql(args: argparse.Namespace) -> str:
+    """The query from the command line, a file or standard input (UTF-8; any size up to the sandbox's limit)."""
+    source = args.file if args.file is not None else args.sql
+    if args.file is None and source != "-":
+        return source
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(source).read_bytes()
+    except OSError as e:
+        raise UsageError(f"--file {source}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        name = "standard input" if source == "-" else source
+        raise UsageError(f"{name}: the query is not UTF-8 text (byte {e.start})") from None
+
+
 def _exec(args: argparse.Namespace) -> int:
     from jaxsql.sql import execute
 
     _check_limits(args)
-    result = execute(args.db, args.sql, timeout_s=args.timeout, max_rows=args.max_rows,
+    sql = _read_sql(args)
+    result = execute(args.db, sql, timeout_s=args.timeout, max_rows=args.max_rows,
                      max_vm_steps=args.max_vm_steps)
     print(json.dumps(result.to_json(), ensure_ascii=False, allow_nan=False))
     return 0

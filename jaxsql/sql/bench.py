@@ -1,53 +1,22 @@
-"""Throughput of `SqlPool` against serial execution on a generated, CPU-bound database."""
+"""Throughput of `SqlPool` against serial execution on a generated, CPU-bound database.
+
+Serial is `sandbox.run_query` on one connection in the calling thread (no
+isolation: the engine's own speed); the pool runs the same queries in its
+worker processes, so the comparison includes everything isolation costs
+(the pipe round trip, encoding the result, the dispatcher threads).
+"""
 
 from __future__ import annotations
 
-import collections
 import random
 import sqlite3
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from jaxsql.sql import sandbox
 from jaxsql.sql.pool import SqlPool, default_num_workers
-
-
-def _sched() -> tuple[float, float] | None:
-    """(CPU seconds, seconds waiting for a CPU) of the calling thread (Linux), else None."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            cpu_ns, wait_ns, _ = f.read().split()
-        return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
-    except (OSError, ValueError):
-        return None
-
-
-class _MeteredPool(SqlPool):
-    """A pool that adds up its workers' wall, CPU and CPU-wait seconds per job.
-
-    Wall minus CPU minus CPU-wait is time a worker was blocked (GIL, locks,
-    I/O): the pool's own overhead. CPU-wait is other processes' load.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.meter: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
-        self._meter_lock = threading.Lock()
-
-    def _run(self, db_path: str, sql: str):
-        a, t0 = _sched(), time.perf_counter()
-        result = super()._run(db_path, sql)
-        t1, b = time.perf_counter(), _sched()
-        if a is not None and b is not None:
-            with self._meter_lock:
-                m = self.meter[threading.get_ident()]
-                m[0] += t1 - t0
-                m[1] += b[0] - a[0]
-                m[2] += b[1] - a[1]
-        return result
 
 
 def make_bench_db(path: str | Path, rows: int, seed: int = 0) -> None:
@@ -85,6 +54,25 @@ def bench_queries(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def _sched(path: str = "/proc/thread-self/schedstat") -> tuple[float, float]:
+    """(CPU seconds, seconds waiting for a CPU) from a schedstat file (Linux), else zeros.
+
+    The default is the calling thread's; ``/proc/<pid>/schedstat`` is a
+    process's main thread (a worker's only busy thread).
+    """
+    try:
+        with open(path) as f:
+            cpu_ns, wait_ns, _ = f.read().split()
+        return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
+def _workers_sched(pids: list[int]) -> tuple[float, float]:
+    stats = [_sched(f"/proc/{pid}/schedstat") for pid in pids]
+    return sum(c for c, _ in stats), sum(w for _, w in stats)
+
+
 def _qps(n: int, seconds: float) -> float:
     return round(n / seconds, 1) if seconds > 0 else float("inf")
 
@@ -109,10 +97,11 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
         con = sandbox.open_readonly(db)
         serial: list = []
         pooled: list = []
-        serial_s = pool_s = serial_cpu = serial_wait = 0.0
-        with _MeteredPool(workers, cache_size=0) as pool:
-            pool.execute_batch(jobs[:workers])  # open each worker's connection outside the timing
-            pool.meter.clear()
+        serial_s = pool_s = serial_cpu = serial_wait = pool_tree_cpu = pool_wait = 0.0
+        with SqlPool(workers, cache_size=0) as pool:
+            # start the workers and open each one's connection outside the timing
+            pool.execute_batch([(db, f"SELECT count(*) FROM u /* warm {i} */") for i in range(4 * workers)])
+            warm = pool.stats()
             sandbox.run_query(con, sqls[0])
             step = -(-queries // rounds)
             for lo in range(0, queries, step):
@@ -120,14 +109,18 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
                 serial += [sandbox.run_query(con, s) for s in sqls[lo:lo + step]]
                 serial_s += time.perf_counter() - start
                 b = _sched()
-                if a is not None and b is not None:
-                    serial_cpu += b[0] - a[0]
-                    serial_wait += b[1] - a[1]
-                start = time.perf_counter()
+                serial_cpu += b[0] - a[0]
+                serial_wait += b[1] - a[1]
+                pids = pool.worker_pids()
+                (wcpu, wwait), cpu, start = _workers_sched(pids), time.process_time(), time.perf_counter()
                 pooled += pool.execute_batch(jobs[lo:lo + step])
                 pool_s += time.perf_counter() - start
-            meter = list(pool.meter.values())
+                wcpu2, wwait2 = _workers_sched(pids)
+                pool_tree_cpu += time.process_time() - cpu + wcpu2 - wcpu
+                pool_wait += wwait2 - wwait
+            done = pool.stats()
         con.close()
+        meter = {k: done[k] - warm[k] for k in ("worker_wall_s", "worker_cpu_s")}
 
         # GRPO-like: groups of 8 samples that repeat a query, cache on.
         rng = random.Random(seed + 1)
@@ -138,9 +131,10 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
             cached_s = time.perf_counter() - start
             stats = pool.stats()
 
-    pool_cpu = sum(m[1] for m in meter)
-    pool_wait = sum(m[2] for m in meter)
-    pool_blocked = sum(m[0] - m[1] - m[2] for m in meter)
+    pool_cpu = meter["worker_cpu_s"]
+    pool_blocked = max(0.0, meter["worker_wall_s"] - pool_cpu - pool_wait)
+    # CPU the pool spent beyond running the queries: dispatch, pipes, encoding.
+    overhead = max(0.0, pool_tree_cpu - pool_cpu) if pool_tree_cpu > 0 else 0.0
     errors = sum(not r.ok for r in serial) + sum(not r.ok for r in pooled)
     same = all(a.rows == b.rows for a, b in zip(serial, pooled))
     return {
@@ -151,16 +145,23 @@ def run_bench(queries: int = 512, workers: int | None = None, rows: int = 200_00
         "serial_qps": _qps(queries, serial_s),
         "pool_qps": _qps(queries, pool_s),
         "speedup": round(serial_s / pool_s, 2) if pool_s > 0 else float("inf"),
-        # Where the time went (Linux schedstat; zeros elsewhere). CPU-wait is
-        # time spent ready to run while other processes held the cores.
+        # Where the time went (Linux schedstat and /proc; zeros elsewhere).
+        # CPU-wait is time spent ready to run while other processes held the
+        # cores. pool_cpu_s is the worker processes' CPU running the queries;
+        # pool_overhead_cpu_s all other CPU of this process and its workers
+        # during the pool runs (dispatch, pipes, encoding results);
+        # pool_blocked_s the rest of the time a job took, seen from its
+        # thread (pipe round trips, and waking the worker, which grows with
+        # load from other processes).
         "serial_cpu_s": round(serial_cpu, 3),
         "serial_cpu_wait_s": round(serial_wait, 3),
         "pool_cpu_s": round(pool_cpu, 3),
         "pool_cpu_wait_s": round(pool_wait, 3),
+        "pool_overhead_cpu_s": round(overhead, 3),
         "pool_blocked_s": round(pool_blocked, 3),
-        # serial CPU / (per-worker CPU + blocked time): the speedup if no
-        # other process competed for the cores (an estimate, not a measurement).
-        "speedup_est_idle": round(serial_cpu / ((pool_cpu + pool_blocked) / workers), 2) if pool_cpu > 0 else None,
+        # serial CPU / (all the pool's CPU / workers): the speedup if no other
+        # process competed for the cores (an estimate, not a measurement).
+        "speedup_est_idle": round(serial_cpu / ((pool_cpu + overhead) / workers), 2) if pool_cpu > 0 else None,
         "cached_dup_qps": _qps(queries, cached_s),
         "cache_hits": stats["hits"],
         "cache_executed": stats["executed"],

@@ -1,24 +1,29 @@
-"""A thread pool that runs batches of sandboxed queries, with result caches.
+"""A pool of worker processes that run batches of sandboxed queries, with result caches.
 
-SQLite releases the GIL while it steps a statement, so threads run queries
-truly in parallel. Each worker thread keeps its own read-only connection per
-database (opening one costs more than a small query). Two caches:
+Each of the pool's threads drives one worker process (`jaxsql.sql.worker`):
+it hands the process a job, waits for the answer, and kills the process if
+the job is still running `KILL_GRACE_S` after its deadline (SQLite preparing
+a pathological statement, or inside one function call, where nothing else
+can stop it), answering ``timeout`` and starting a fresh worker. Each worker
+keeps its own read-only connection per database (opening one costs more
+than a small query) and lives under a memory budget (``max_memory``), so
+the queries' memory is never the trainer's, and nothing of a query keeps
+running after its answer is given. Two caches, in this process:
 
 - the query cache, keyed by (absolute database path, `normalize_sql(sql)`),
-  LRU-bounded by `cache_size`; duplicate jobs within one batch run once (the
-  G samples of a GRPO group often repeat a query). ``cache_size=0`` turns
-  both off: every job executes.
-- the gold cache, keyed by (example id, database path, gold SQL), unbounded
-  (one entry per example), always on.
+  LRU-bounded by `cache_size` entries; duplicate jobs within one batch run
+  once (the G samples of a GRPO group often repeat a query). ``cache_size=0``
+  turns both off: every job executes.
+- the gold cache, keyed by (example id, database path, gold SQL), one entry
+  per example, evicted only when the caches together pass `cache_bytes`
+  (after every query entry), always on.
 
 Results ended by the wall-clock deadline are never cached (they depend on
-machine load); every other result is, including a ``timeout`` ended by the
-VM-step budget (``max_vm_steps``), which is reproducible. Each job carries its own deadline, so a slow job holds one worker for at
-most ``timeout_s`` and never delays jobs on other workers. As a backstop for
-work SQLite cannot interrupt (one long-running built-in function call), a job
-still running `ABANDON_GRACE_S` after its deadline is answered ``timeout``
-and abandoned: its thread finishes it in the background and exits, and a
-fresh worker thread takes its place, so the pool keeps its capacity.
+machine load), nor ``busy`` ones (a writer held a lock: transient); every
+other result is, including a ``timeout`` ended by the VM-step budget
+(``max_vm_steps``), which is reproducible. Each job carries its own
+deadline, so a slow job holds one worker for at most ``timeout_s`` +
+`KILL_GRACE_S` and never delays jobs on other workers.
 """
 
 from __future__ import annotations
@@ -31,25 +36,25 @@ import time
 from typing import Any, Hashable, Sequence
 
 from jaxsql.errors import ConfigError
-from jaxsql.sql import sandbox
+from jaxsql.sql import sandbox, worker as workers
 from jaxsql.sql.normalize import normalize_sql
 from jaxsql.sql.result import ERROR_KINDS, ExecResult
+from jaxsql.sql.worker import KILL_GRACE_S
 
-_CONNECTIONS_PER_THREAD = 32
-ABANDON_GRACE_S = 0.3
-_POLL_S = 0.02
 _LAZY = object()
+DEFAULT_CACHE_BYTES = 1 << 30
+#: Results never cached: they may differ if the same job runs again.
+_TRANSIENT = ("deadline",)
 
 
 class _Job:
-    __slots__ = ("db_path", "sql", "started", "result", "done", "abandoned")
+    __slots__ = ("db_path", "sql", "result", "size", "done")
 
     def __init__(self, db_path: str, sql: str) -> None:
         self.db_path, self.sql = db_path, sql
-        self.started: float | None = None
         self.result: ExecResult | None = None
+        self.size = 0
         self.done = threading.Event()
-        self.abandoned = False
 
 
 def default_num_workers() -> int:
@@ -61,7 +66,7 @@ def default_num_workers() -> int:
 
 
 class SqlPool:
-    """Run (database, SQL) jobs concurrently in the sandbox; results in input order.
+    """Run (database, SQL) jobs concurrently in the sandbox's worker processes; results in input order.
 
     Use as a context manager (or call `close`). Thread-safe: several callers
     may submit batches at once. With one worker a slow job delays the jobs
@@ -78,8 +83,10 @@ class SqlPool:
         cache_size: int = 100_000,
         reuse_connections: bool = True,
         max_vm_steps: int | None = None,
+        max_memory: int = sandbox.DEFAULT_MAX_MEMORY,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        """Start `num_workers` workers.
+        """Start `num_workers` worker processes (each ready ~0.1 s later; jobs queue meanwhile).
 
         Args:
           num_workers: worker count (default: the CPU cores this process may use).
@@ -92,6 +99,12 @@ class SqlPool:
             (see `jaxsql.sql.execute`): a job that uses it up is ``timeout``
             with ``limit="vm_steps"``, on any machine at any load, and that
             answer is cached like any other. The deadline still applies.
+          max_memory: private memory of each worker process, bytes (>= 128
+            MiB); a job that needs more is ``too_large`` with ``limit="memory"``.
+            The pool's queries use at most ``num_workers * max_memory`` outside
+            this process.
+          cache_bytes: bound on the encoded size of all cached results (query
+            and gold); least recently used query entries go first.
 
         Raises:
           ConfigError: a setting is out of range (the message names it).
@@ -100,8 +113,10 @@ class SqlPool:
             raise ConfigError(f"SqlPool.num_workers: must be >= 1, got {num_workers}")
         if cache_size < 0:
             raise ConfigError(f"SqlPool.cache_size: must be >= 0, got {cache_size}")
+        if cache_bytes < 0:
+            raise ConfigError(f"SqlPool.cache_bytes: must be >= 0, got {cache_bytes}")
         try:
-            sandbox.check_limits(timeout_s, max_rows, max_bytes, max_vm_steps)
+            sandbox.check_limits(timeout_s, max_rows, max_bytes, max_vm_steps, max_memory)
         except ValueError as e:
             raise ConfigError(f"SqlPool.{e}") from None
         self.num_workers = num_workers or default_num_workers()
@@ -109,20 +124,29 @@ class SqlPool:
         self.max_rows = int(max_rows)
         self.max_bytes = int(max_bytes)
         self.max_vm_steps = max_vm_steps
+        self.max_memory = int(max_memory)
         self.cache_size = int(cache_size)
+        self.cache_bytes = int(cache_bytes)
         self.reuse_connections = reuse_connections
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._cache: collections.OrderedDict[Hashable, ExecResult] = collections.OrderedDict()
-        self._gold: dict[Hashable, ExecResult] = {}
-        self._local = threading.local()
-        self._all_connections: list[Any] = []
+        # key -> (result, encoded size)
+        self._cache: collections.OrderedDict[Hashable, tuple[ExecResult, int]] = collections.OrderedDict()
+        self._gold: collections.OrderedDict[Hashable, tuple[ExecResult, int]] = collections.OrderedDict()
+        self._cached_bytes = 0
         self._counts: collections.Counter[str] = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
+        self._meter = {"worker_wall_s": 0.0, "worker_cpu_s": 0.0}
+        self._peak_rss = 0
+        self._workers: dict[int, workers.Worker] = {}  # thread ident -> its current worker
         self._threads: list[threading.Thread] = []
         self._closed = False
         for _ in range(self.num_workers):
-            self._spawn_worker()
+            # Started here so that they boot while the caller prepares its first batch.
+            t = threading.Thread(target=self._dispatch, args=(workers.Worker(self.max_memory),),
+                                 name="jaxsql-sql", daemon=True)
+            self._threads.append(t)
+            t.start()
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> "SqlPool":
@@ -132,16 +156,20 @@ class SqlPool:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker threads and close their connections (abandoned jobs are not waited for)."""
+        """Finish the jobs in flight, then stop the threads and their worker processes."""
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            live = [t for t in self._threads if t.is_alive()]
-        for _ in live:
+        for _ in self._threads:
             self._queue.put(None)
-        for t in live:
-            t.join(timeout=self.timeout_s + ABANDON_GRACE_S)
+        for t in self._threads:
+            t.join(timeout=self.timeout_s + KILL_GRACE_S + 5.0)
+        workers.reap_killed(block=True)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live worker processes (for monitoring)."""
+        with self._lock:
+            return [w.pid for w in self._workers.values() if w.alive]
 
     # -- public API ----------------------------------------------------------
     def execute_batch(self, jobs: Sequence[tuple[str, str]]) -> list[ExecResult]:
@@ -166,17 +194,30 @@ class SqlPool:
         return results[: len(jobs)], results[len(jobs):]
 
     def stats(self) -> dict[str, Any]:
-        """Counters since creation: hits, misses, executed, gold_hits, gold_misses, abandoned, errors by kind."""
+        """Counters since creation.
+
+        ``hits``, ``misses``, ``executed``, ``gold_hits``, ``gold_misses``;
+        ``killed`` (workers killed at a job's deadline), ``worker_starts``;
+        ``errors`` by kind; ``cached`` / ``gold_cached`` entries and
+        ``cached_bytes``; ``worker_peak_rss`` (bytes, the largest any worker
+        reached); ``worker_wall_s`` (seconds the pool's threads waited for
+        jobs) and ``worker_cpu_s`` (CPU seconds the workers spent on jobs).
+        """
         with self._lock:
-            out: dict[str, Any] = {k: self._counts.get(k, 0) for k in ("hits", "misses", "executed", "gold_hits", "gold_misses", "abandoned")}
+            keys = ("hits", "misses", "executed", "gold_hits", "gold_misses", "killed", "worker_starts")
+            out: dict[str, Any] = {k: self._counts.get(k, 0) for k in keys}
             out["errors"] = {k: self._errors.get(k, 0) for k in ERROR_KINDS}
             out["cached"] = len(self._cache)
             out["gold_cached"] = len(self._gold)
+            out["cached_bytes"] = self._cached_bytes
+            out["worker_peak_rss"] = max([self._peak_rss] + [w.peak_rss for w in self._workers.values()])
+            out.update({k: round(v, 6) for k, v in self._meter.items()})
         return out
 
     def clear_cache(self) -> None:
         """Forget cached query results (gold results are kept)."""
         with self._lock:
+            self._cached_bytes -= sum(size for _, size in self._cache.values())
             self._cache.clear()
 
     # -- internals ---------------------------------------------------------
@@ -210,9 +251,8 @@ class SqlPool:
                 prefix = "gold_" if store == "gold" else ""
                 hit = cache.get(key)
                 if hit is not None:
-                    results[i] = hit
-                    if store == "query":
-                        cache.move_to_end(key)
+                    results[i] = hit[0]
+                    cache.move_to_end(key)
                     self._counts[prefix + "hits"] += 1
                 elif (store, key) in pending:
                     pending[(store, key)][3].append(i)
@@ -221,60 +261,51 @@ class SqlPool:
                     pending[(store, key)] = (store, key, self._submit(db, sql), [i])
                     self._counts[prefix + "misses"] += 1
         for store, key, job, idxs in pending.values():
-            result = self._account(self._wait(job))
-            if key is not None and result.limit != "deadline":
-                self._store(store, key, result)
+            job.done.wait()
+            result = self._account(job.result)
+            if key is not None and result.limit not in _TRANSIENT and result.error != "busy":
+                self._store(store, key, result, job.size)
             for i in idxs:
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _wait(self, job: _Job) -> ExecResult:
-        """The job's result, or ``timeout`` once it overran its deadline by `ABANDON_GRACE_S`."""
-        while not job.done.wait(_POLL_S):
-            started = job.started
-            if started is None or time.perf_counter() < started + self.timeout_s + ABANDON_GRACE_S:
-                continue
-            with self._lock:
-                if job.done.is_set():
-                    break
-                job.abandoned = True
-                self._counts["abandoned"] += 1
-            self._spawn_worker()
-            return ExecResult.failure(
-                "timeout", "the query did not stop at its deadline; its worker was abandoned",
-                time.perf_counter() - started, limit="deadline",
-            )
-        assert job.result is not None
-        return job.result
-
-    def _spawn_worker(self) -> None:
-        t = threading.Thread(target=self._worker, name="jaxsql-sql", daemon=True)
+    def _dispatch(self, worker: workers.Worker | None) -> None:
+        """Thread body: feed jobs to this thread's worker process, replacing it when it dies."""
+        me = threading.get_ident()
         with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
-
-    def _worker(self) -> None:
+            self._workers[me] = worker
+            self._counts["worker_starts"] += 1
         try:
             while True:
                 job = self._queue.get()
                 if job is None:
                     return
-                job.started = time.perf_counter()
-                result = self._run(job.db_path, job.sql)
+                request = (job.db_path, job.sql, self.timeout_s, self.max_rows, self.max_bytes,
+                           self.max_vm_steps, self.reuse_connections)
+                start = time.perf_counter()
+                try:
+                    result, info, worker, started = workers.run_on(worker, request, self.timeout_s,
+                                                                   self.max_memory)
+                except Exception as e:  # noqa: BLE001 - a job must not kill its thread
+                    result, info, started = ExecResult.failure(
+                        "runtime", f"internal error: {type(e).__name__}: {e}"), workers._NO_TELEMETRY, 0
+                    worker = None
+                wall = time.perf_counter() - start
                 with self._lock:
-                    job.result = result
-                    job.done.set()
-                    if job.abandoned:  # a replacement thread already took this one's place
-                        return
+                    if worker is not None:
+                        self._workers[me] = worker
+                    self._counts["worker_starts"] += started
+                    self._counts["killed"] += info.killed
+                    self._meter["worker_wall_s"] += wall
+                    self._meter["worker_cpu_s"] += info.cpu_s
+                    self._peak_rss = max(self._peak_rss, info.peak_rss)
+                job.result, job.size = result, info.reply_bytes
+                job.done.set()
         finally:
-            self._close_thread_connections()
-
-    def _close_thread_connections(self) -> None:
-        conns = getattr(self._local, "connections", None) or {}
-        for con in conns.values():
-            self._forget(con)
-        conns.clear()
+            if worker is not None:
+                worker.close()
+                with self._lock:
+                    self._peak_rss = max(self._peak_rss, worker.peak_rss)
 
     def _account(self, result: ExecResult) -> ExecResult:
         with self._lock:
@@ -283,53 +314,18 @@ class SqlPool:
                 self._errors[result.error] += 1
         return result
 
-    def _store(self, store: str, key: Hashable, result: ExecResult) -> None:
+    def _store(self, store: str, key: Hashable, result: ExecResult, size: int) -> None:
+        if size > self.cache_bytes:
+            return  # would evict everything else and then itself
         with self._lock:
-            if store == "gold":
-                self._gold[key] = result
-                return
-            self._cache[key] = result
+            cache = self._gold if store == "gold" else self._cache
+            old = cache.pop(key, None)
+            if old is not None:
+                self._cached_bytes -= old[1]
+            cache[key] = (result, size)
+            self._cached_bytes += size
             while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-
-    def _run(self, db_path: str, sql: str) -> ExecResult:
-        """Worker body: never raises, whatever the query does."""
-        try:
-            if not self.reuse_connections:
-                return sandbox.execute(db_path, sql, timeout_s=self.timeout_s, max_rows=self.max_rows,
-                                       max_bytes=self.max_bytes, max_vm_steps=self.max_vm_steps)
-            try:
-                con = self._connection(db_path)
-            except sandbox.DatabaseMissing as e:
-                return ExecResult.failure("db_missing", str(e))
-            return sandbox.run_query(con, sql, timeout_s=self.timeout_s, max_rows=self.max_rows,
-                                     max_bytes=self.max_bytes, max_vm_steps=self.max_vm_steps)
-        except Exception as e:  # noqa: BLE001 - a job must not kill its worker
-            return ExecResult.failure("runtime", f"internal error: {type(e).__name__}: {e}")
-
-    def _connection(self, db_path: str):
-        conns = getattr(self._local, "connections", None)
-        if conns is None:
-            conns = self._local.connections = collections.OrderedDict()
-        key = os.path.abspath(db_path)
-        con = conns.get(key)
-        if con is not None and os.path.isfile(key):
-            conns.move_to_end(key)
-            return con
-        if con is not None:  # the file went away: report it as missing from now on
-            conns.pop(key)
-            self._forget(con)
-        con = sandbox.open_readonly(db_path, self.max_bytes)
-        conns[key] = con
-        with self._lock:
-            self._all_connections.append(con)
-        while len(conns) > _CONNECTIONS_PER_THREAD:
-            _, old = conns.popitem(last=False)
-            self._forget(old)
-        return con
-
-    def _forget(self, con) -> None:
-        with self._lock:
-            if con in self._all_connections:
-                self._all_connections.remove(con)
-        con.close()
+                self._cached_bytes -= self._cache.popitem(last=False)[1][1]
+            while self._cached_bytes > self.cache_bytes and (self._cache or self._gold):
+                evict = self._cache if self._cache else self._gold
+                self._cached_bytes -= evict.popitem(last=False)[1][1]

@@ -7,13 +7,13 @@ import math
 from typing import Any
 
 #: Error kinds, in the order a reader should check them.
-ERROR_KINDS = ("syntax", "runtime", "timeout", "too_large", "denied", "db_missing")
+ERROR_KINDS = ("syntax", "runtime", "timeout", "too_large", "denied", "busy", "db_missing")
 
 #: The sandbox budgets that can end a query, reported in `ExecResult.limit`:
 #: ``deadline`` (wall clock, error ``timeout``), ``vm_steps`` (SQLite VM
 #: instructions, error ``timeout``, reproducible), ``rows`` and ``bytes``
-#: (result size, error ``too_large``).
-LIMITS = ("deadline", "vm_steps", "rows", "bytes")
+#: (result size) and ``memory`` (the worker's memory budget), error ``too_large``.
+LIMITS = ("deadline", "vm_steps", "rows", "bytes", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +30,9 @@ class ExecResult:
       message: the engine's message for an error, ``""`` when ok.
       elapsed_s: wall-clock seconds spent opening, running and fetching.
       limit: which sandbox budget ended the query (one of `LIMITS`), or None:
-        ``"deadline"`` or ``"vm_steps"`` for a ``timeout``, ``"rows"`` or
-        ``"bytes"`` for a ``too_large`` result cap; None when ok and for
-        every other failure.
+        ``"deadline"`` or ``"vm_steps"`` for a ``timeout``; ``"rows"``,
+        ``"bytes"`` or ``"memory"`` for a ``too_large``; None when ok and
+        for every other failure.
       vm_steps: SQLite VM instructions the query executed, counted by the
         progress handler: a multiple of its check interval (10,000, or
         ``max_vm_steps`` when smaller), rounded down, so cheap queries show

@@ -1,9 +1,18 @@
-"""Run one untrusted SQL query against a SQLite database, read-only and bounded.
+"""The query engine of the sandbox: open a SQLite file read-only and run one untrusted query on it.
 
-Guarantees of `execute` (each tested in ``tests/sql/test_hostile.py``):
+`execute` is the public entry point: it runs the query in a worker process
+(`jaxsql.sql.worker`) that can be killed, so the deadline and the memory
+budget hold from the first byte, preparation included. `open_readonly` and
+`run_query` are the engine that worker runs (and that ``bench sql`` times in
+process as the serial baseline); called directly they bound the query only
+once SQLite's virtual machine runs.
 
-- the database is opened read-only through a ``file:...?mode=ro`` URI, so a
-  missing path is reported as ``db_missing`` and no file is ever created;
+Guarantees (the numbers are in ``docs/sql.md``; each is tested):
+
+- the database is opened without ever creating a file beside it: a
+  ``file:...?mode=ro`` URI, or ``immutable=1`` for a WAL database that
+  nobody has open (a WAL reader would otherwise create ``-wal``/``-shm``
+  files, and could not read from a read-only folder);
 - an authorizer allows only reads (SELECT, reading columns, recursive CTEs,
   functions other than ``load_extension``, a few schema-reading PRAGMAs);
   every write, DDL, ATTACH/DETACH, transaction, VACUUM, ANALYZE and any other
@@ -14,32 +23,42 @@ Guarantees of `execute` (each tested in ``tests/sql/test_hostile.py``):
   counts the instructions, and an optional budget `max_vm_steps` stops the
   query reproducibly (``timeout`` with ``limit="vm_steps"``);
 - SQLite limits bound any single string or BLOB, SQL text length and
-  expression depth, and rows and bytes fetched are capped (``too_large``);
+  expression depth; temporary tables and sorts stay in memory (never in temp
+  files); rows and bytes are counted as they are fetched, each text value
+  before the next is read, and a result over its cap is ``too_large``;
+- a database locked by a writer is retried for `BUSY_RETRY_S`, then answered
+  ``busy`` (transient: the pool never caches it);
+- ``printf``/``format`` refuse widths and precisions above `MAX_VALUE_BYTES`
+  whatever the type of the argument or of the format;
 - invalid UTF-8 text is decoded with replacement characters instead of failing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 import sqlite3
+import stat
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from jaxsql.sql.result import ExecResult
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_MAX_BYTES = 64 << 20
+#: Private memory of one worker process, SQLite's heap included (see `jaxsql.sql.worker`).
+DEFAULT_MAX_MEMORY = 512 << 20
 
-#: VM instructions between two deadline checks. Each check takes the GIL, so a
-#: small value costs concurrency; 10k instructions are ~0.1 ms of SQLite work.
+#: VM instructions between two deadline checks. Each check calls into Python, so a
+#: small value costs time; 10k instructions are ~0.25 ms of SQLite work.
 PROGRESS_EVERY = 10_000
-_FETCH_CHUNK = 64
-_MAX_SQL_LENGTH = 1_000_000
+#: Longest query text, in UTF-8 bytes (SQLite's own limit is 1 GB).
+MAX_SQL_BYTES = 4 << 20
+#: How long SQLite retries a database locked by a writer before ``busy``.
+BUSY_RETRY_S = 0.5
 _MAX_EXPR_DEPTH = 1_000
 _MMAP_BYTES = 256 << 20
 
@@ -70,22 +89,38 @@ def _guarded_printf(helper: sqlite3.Connection) -> Any:
     spins for seconds, beyond the progress handler's reach) and already answers
     NULL for results over the length limit; this checks the sizes first, then
     lets the built-in (on a private in-memory connection) do the formatting.
+
+    Type-robust: the format is read as SQLite reads it (a BLOB or a number as
+    its text), and a ``*`` width or precision of any type is converted the
+    way SQLite converts it, taking the larger of its integer and real readings
+    (``'1000000000'``, ``x'31303030'``, ``1e9`` and ``'1e9'`` are all caught).
     """
 
+    def magnitude(value: Any) -> float:
+        if isinstance(value, bool) or value is None:
+            return 0.0
+        if isinstance(value, (int, float)):
+            return abs(float(value))
+        a, b = helper.execute("SELECT abs(CAST(?1 AS INTEGER)), abs(CAST(?1 AS REAL))", (value,)).fetchone()
+        return max(float(a or 0), float(b or 0))
+
     def printf(*args: Any) -> Any:
-        if not args or not isinstance(args[0], str):
-            return None if not args else helper.execute("SELECT printf(?)", args[:1]).fetchone()[0]
-        rest = iter(args[1:])
-        for width, precision, conv in _PRINTF_SPEC.findall(args[0]):
-            for part in (width, precision):
-                if part == "*":
-                    value = next(rest, 0)
-                    if isinstance(value, (int, float)) and abs(value) > MAX_VALUE_BYTES:
+        if not args:
+            return None
+        fmt = args[0]
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode("utf-8", "replace")
+        if isinstance(fmt, str):
+            rest = iter(args[1:])
+            for width, precision, conv in _PRINTF_SPEC.findall(fmt):
+                for part in (width, precision):
+                    if part == "*":
+                        if magnitude(next(rest, 0)) > MAX_VALUE_BYTES:
+                            return None
+                    elif part and int(part) > MAX_VALUE_BYTES:
                         return None
-                elif part and int(part) > MAX_VALUE_BYTES:
-                    return None
-            if conv != "%":
-                next(rest, None)
+                if conv != "%":
+                    next(rest, None)
         marks = ",".join("?" * len(args))
         return helper.execute(f"SELECT printf({marks})", args).fetchone()[0]
 
@@ -96,6 +131,10 @@ class DatabaseMissing(Exception):
     """The database path does not name a readable SQLite file."""
 
 
+class DatabaseBusy(Exception):
+    """The database is locked by a writer (transient: try again later)."""
+
+
 #: Largest string/BLOB any query may build. It also bounds the worst case of
 #: functions that run inside one VM instruction, where the progress handler
 #: cannot interrupt (``instr`` of two such strings is quadratic).
@@ -103,31 +142,70 @@ MAX_VALUE_BYTES = 256 << 10
 
 
 def value_cap_bytes(max_bytes: int) -> int:
-    """Largest single string/BLOB SQLite may build: a fetched chunk stays within `max_bytes`."""
-    return max(4096, min(MAX_VALUE_BYTES, max_bytes // _FETCH_CHUNK))
+    """Largest single string/BLOB SQLite may build for a query with byte cap `max_bytes`."""
+    return max(4096, min(MAX_VALUE_BYTES, max_bytes))
+
+
+def _is_wal(path: Path) -> bool:
+    """True when the file's header says WAL mode (read and write version bytes 18, 19 are 2)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02"
+
+
+def wants_immutable(path: str | os.PathLike) -> bool:
+    """True for a WAL database without a ``-wal`` file: `open_readonly` opens it ``immutable=1``."""
+    return _is_wal(Path(path)) and not os.path.exists(f"{path}-wal")
+
+
+def file_signature(path: str | os.PathLike) -> tuple[int, int, int, bool] | None:
+    """(inode, size, mtime_ns, has a ``-wal`` file) of a database, or None when it is not a file.
+
+    A connection opened ``immutable`` is only valid while this stays the same.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, os.path.exists(f"{path}-wal")
 
 
 def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> sqlite3.Connection:
-    """Open `db_path` read-only with the sandbox's authorizer and limits.
+    """Open `db_path` read-only with the sandbox's authorizer and limits, creating no file.
 
-    Raises `DatabaseMissing` when the path is not an existing file (nothing is created).
+    A database in rollback-journal mode, or in WAL mode with a ``-wal`` file
+    (a writer has it open), is opened ``mode=ro``: SQLite takes its usual
+    shared locks and sees every committed write. A WAL database without a
+    ``-wal`` file is opened ``immutable=1``: no locks and no ``-wal``/``-shm``
+    files, so it is readable from a read-only folder; the connection is valid
+    only while `file_signature` of the path is unchanged (the worker reopens
+    it when a ``-wal`` file appears or the file is replaced).
+
+    Raises `DatabaseMissing` when the path is not a readable SQLite file, and
+    `DatabaseBusy` when a writer holds a lock for longer than `BUSY_RETRY_S`.
     """
     path = Path(db_path)
     if not path.is_file():
         raise DatabaseMissing(f"database {str(db_path)!r} does not exist")
-    uri = path.resolve().as_uri() + "?mode=ro"
+    resolved = path.resolve()
+    uri = resolved.as_uri() + ("?immutable=1" if wants_immutable(resolved) else "?mode=ro")
     try:
         # cached_statements=0: every query is prepared afresh, so its VM-step
         # count starts at zero (see `_Budget`).
-        con = sqlite3.connect(uri, uri=True, timeout=0.25, isolation_level=None, check_same_thread=False,
-                              cached_statements=0)
+        con = sqlite3.connect(uri, uri=True, timeout=BUSY_RETRY_S, isolation_level=None,
+                              check_same_thread=False, cached_statements=0)
     except sqlite3.Error as e:
         raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}") from None
     try:
         if hasattr(con, "enable_load_extension"):
             con.enable_load_extension(False)
         con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, value_cap_bytes(max_bytes))
-        con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, _MAX_SQL_LENGTH)
+        con.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_BYTES)
         con.setlimit(sqlite3.SQLITE_LIMIT_EXPR_DEPTH, _MAX_EXPR_DEPTH)
         con.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         con.setlimit(sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 1_000)
@@ -136,6 +214,10 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con.create_function("format", -1, guard)
         con.execute("PRAGMA query_only = ON")
         con.execute("PRAGMA trusted_schema = OFF")
+        # Sorts, DISTINCT, GROUP BY and materialised subqueries spill to temp
+        # files by default (1 GB written in one 5 s query): keep them in
+        # memory, where the worker's heap limit bounds them.
+        con.execute("PRAGMA temp_store = MEMORY")
         # Read pages through a memory map: no copy into a per-connection page
         # cache, and the OS page cache is shared by all worker threads.
         con.execute(f"PRAGMA mmap_size = {_MMAP_BYTES}")
@@ -144,8 +226,16 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con.set_authorizer(_authorize)
     except sqlite3.Error as e:
         con.close()
+        if is_busy(e):
+            raise DatabaseBusy(f"database {str(db_path)!r} is locked by a writer: {e}") from None
         raise DatabaseMissing(f"cannot read database {str(db_path)!r}: {e}") from None
     return con
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True for SQLITE_BUSY / SQLITE_LOCKED: a writer holds a lock, try again later."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "is locked" in str(exc).lower()
 
 
 _SYNTAX_MARKERS = (
@@ -159,12 +249,12 @@ _TOO_LARGE_MARKERS = ("too big", "too large", "too many", "stack overflow", "out
 _DENIED_MARKERS = ("not authorized", "readonly", "read-only", "prohibited")
 
 
-def classify_error(exc: BaseException, timed_out: bool) -> str:
+def classify_error(exc: BaseException) -> str:
     """Map a sqlite3 exception to an `ExecResult` error kind."""
-    if timed_out:
-        return "timeout"
     if isinstance(exc, MemoryError):
         return "too_large"
+    if is_busy(exc):
+        return "busy"
     name = getattr(exc, "sqlite_errorname", "") or ""
     if name in ("SQLITE_AUTH", "SQLITE_READONLY"):
         return "denied"
@@ -178,10 +268,6 @@ def classify_error(exc: BaseException, timed_out: bool) -> str:
     if any(m in msg for m in _SYNTAX_MARKERS):
         return "syntax"
     return "runtime"
-
-
-def _decode_replacing(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
 
 
 def _blob_text(raw: bytes) -> str:
@@ -222,8 +308,13 @@ class _Budget:
         return 0
 
 
-def check_limits(timeout_s: float, max_rows: int, max_bytes: int, max_vm_steps: int | None) -> None:
+def check_limits(timeout_s: float, max_rows: int, max_bytes: int, max_vm_steps: int | None,
+                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
     """Raise ValueError naming the bad value unless every budget is usable."""
+    from jaxsql.sql.worker import MIN_MAX_MEMORY
+
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < MIN_MAX_MEMORY:
+        raise ValueError(f"max_memory must be an int >= {MIN_MAX_MEMORY} bytes, got {max_memory!r}")
     if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
     if max_rows < 1:
@@ -244,24 +335,26 @@ def run_query(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_vm_steps: int | None = None,
 ) -> ExecResult:
-    """Run `sql` on a connection made by `open_readonly` (see `execute`)."""
+    """Run `sql` on a connection made by `open_readonly`, in this process.
+
+    Same budgets and answers as `execute`, except that nothing here can stop
+    SQLite while it prepares the statement or inside one function call:
+    `execute` runs this in a worker process that is killed at the deadline.
+    """
     start = time.perf_counter()
     if not isinstance(sql, str) or not sql.strip():
         return ExecResult.failure("syntax", "empty query", time.perf_counter() - start)
     try:
-        sql.encode("utf-8")
+        n_bytes = len(sql.encode("utf-8"))
     except UnicodeEncodeError:
         return ExecResult.failure("syntax", "query is not valid UTF-8 text", time.perf_counter() - start)
     if "\x00" in sql:
         return ExecResult.failure("syntax", "query contains a NUL character", time.perf_counter() - start)
-    if len(sql) > _MAX_SQL_LENGTH:
-        return ExecResult.failure("too_large", f"query longer than {_MAX_SQL_LENGTH} characters", time.perf_counter() - start)
-    # One budget for both runs below: a retry does not get a second allowance.
+    if n_bytes > MAX_SQL_BYTES:
+        return ExecResult.failure("too_large", f"query longer than {MAX_SQL_BYTES} bytes", time.perf_counter() - start)
     budget = _Budget(start + timeout_s, max_vm_steps)
-    result = _run_once(con, sql, budget, max_rows, max_bytes, str)
-    if result is None:  # invalid UTF-8 in a text value: decode it leniently and run again
-        result = _run_once(con, sql, budget, max_rows, max_bytes, _decode_replacing)
-    ok, payload, limit = result
+    con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, value_cap_bytes(max_bytes))
+    ok, payload, limit = _fetch_all(con, sql, budget, max_rows, max_bytes)
     elapsed = time.perf_counter() - start
     if ok:
         columns, rows = payload
@@ -270,12 +363,32 @@ def run_query(
     return ExecResult.failure(kind, message, elapsed, limit=limit, vm_steps=budget.vm_steps)
 
 
-def _run_once(
+class _ResultTooLarge(Exception):
+    """Raised from inside the fetch (by the text factory) the moment the byte cap is passed."""
+
+
+def _fetch_all(
     con: sqlite3.Connection, sql: str, budget: _Budget, max_rows: int, max_bytes: int,
-    text_factory: Callable[[bytes], str] | type[str],
-) -> tuple[bool, tuple[Any, Any], str | None] | None:
-    """``(True, (columns, rows), None)``, ``(False, (kind, message), limit)``, or None to retry with lenient text decoding."""
-    con.text_factory = text_factory
+) -> tuple[bool, tuple[Any, Any], str | None]:
+    """``(True, (columns, rows), None)`` or ``(False, (kind, message), limit)``.
+
+    Memory is counted before more is spent: every text value passes through
+    the text factory, which adds its size and stops the fetch as soon as the
+    total passes `max_bytes`; BLOBs, numbers and the row count are added
+    after each row. So a refused result never holds more than `max_bytes`
+    plus one text value (at most `MAX_VALUE_BYTES`) or one row's BLOBs.
+    """
+    nbytes = 0
+
+    def text(raw: bytes) -> str:
+        nonlocal nbytes
+        nbytes += len(raw)
+        if nbytes > max_bytes:
+            raise _ResultTooLarge
+        # Valid UTF-8 decodes as with `str`; invalid bytes become U+FFFD.
+        return raw.decode("utf-8", "replace")
+
+    con.text_factory = text
     con.set_progress_handler(budget.check, budget.every)
     cur = None
     try:
@@ -286,39 +399,30 @@ def _run_once(
             return False, ("denied", "not a query: only statements that return rows may run"), None
         columns = tuple(d[0] for d in cur.description)
         rows: list[tuple[Any, ...]] = []
-        nbytes = 0
-        while True:
-            chunk = cur.fetchmany(_FETCH_CHUNK)
-            if not chunk:
-                break
-            for row in chunk:
-                has_blob = False
-                for v in row:
-                    t = type(v)
-                    if t is str:
-                        nbytes += len(v)
-                    elif t is bytes:
-                        has_blob = True
-                        nbytes += 2 * len(v) + 3
-                    else:
-                        nbytes += 8
-                if has_blob:
-                    row = tuple(_blob_text(v) if type(v) is bytes else v for v in row)
-                rows.append(row)
+        for row in cur:
+            has_blob = False
+            for v in row:
+                t = type(v)
+                if t is bytes:
+                    has_blob = True
+                    nbytes += 2 * len(v) + 3
+                elif t is not str:  # text was counted by the text factory
+                    nbytes += 8
+            if has_blob:
+                row = tuple(_blob_text(v) if type(v) is bytes else v for v in row)
+            rows.append(row)
             if len(rows) > max_rows:
                 return False, ("too_large", f"more than {max_rows} rows"), "rows"
             if nbytes > max_bytes:
-                return False, ("too_large", f"result larger than {max_bytes} bytes"), "bytes"
-            if time.perf_counter() > budget.deadline:
+                raise _ResultTooLarge
+            if not len(rows) & 63 and time.perf_counter() > budget.deadline:
                 return False, ("timeout", "deadline passed while fetching rows"), "deadline"
         return True, (columns, tuple(rows)), None
+    except _ResultTooLarge:
+        return False, ("too_large", f"result larger than {max_bytes} bytes"), "bytes"
     except sqlite3.ProgrammingError as e:
         if "one statement" in str(e):
             return False, ("denied", "only one statement per query is allowed"), None
-        return _failure(e, budget)
-    except sqlite3.OperationalError as e:
-        if "could not decode to utf-8" in str(e).lower() and text_factory is str:
-            return None
         return _failure(e, budget)
     except (sqlite3.Error, MemoryError, OverflowError, ValueError) as e:
         return _failure(e, budget)
@@ -333,7 +437,14 @@ def _failure(exc: BaseException, budget: _Budget) -> tuple[bool, tuple[str, str]
         what = (f"VM-step budget of {budget.max_vm_steps} instructions used up"
                 if budget.stopped_by == "vm_steps" else "deadline passed")
         return False, ("timeout", f"{what} ({exc})"), budget.stopped_by
-    return False, (classify_error(exc, False), str(exc) or type(exc).__name__), None
+    kind = classify_error(exc)
+    limit = "memory" if kind == "too_large" and _is_out_of_memory(exc) else None
+    return False, (kind, str(exc) or type(exc).__name__), limit
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or getattr(exc, "sqlite_errorname", "") == "SQLITE_NOMEM" \
+        or "out of memory" in str(exc).lower()
 
 
 def execute(
@@ -344,13 +455,22 @@ def execute(
     max_rows: int = DEFAULT_MAX_ROWS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_vm_steps: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> ExecResult:
-    """Run one untrusted query read-only against the SQLite file `db_path`.
+    """Run one untrusted query read-only against the SQLite file `db_path`, in a worker process.
 
     Never raises for a bad query or database: every failure is an `ExecResult`
     with ``ok=False`` and an error kind (``syntax``, ``runtime``, ``timeout``,
-    ``too_large``, ``denied``, ``db_missing``). More than `max_rows` rows or
-    more than `max_bytes` bytes of values is ``too_large`` (no truncated result).
+    ``too_large``, ``denied``, ``busy``, ``db_missing``). More than `max_rows`
+    rows or more than `max_bytes` bytes of values is ``too_large`` (no
+    truncated result).
+
+    The query runs in one of this process's idle worker processes (one is
+    started when none is idle, ~0.1 s; see `jaxsql.sql.worker`), so it is
+    bounded from the first byte: a query still running `KILL_GRACE_S` after
+    its deadline (SQLite preparing a pathological statement, or inside one
+    function call) has its worker killed and is answered ``timeout``, and
+    the worker's memory, SQLite's included, stays within `max_memory`.
 
     Args:
       db_path: the SQLite file (opened read-only; never created).
@@ -368,20 +488,22 @@ def execute(
         smaller: the query stops at the first check at or past the budget.
         The deadline still applies; whichever budget runs out first ends the
         query and is named in `ExecResult.limit`.
+      max_memory: the worker process's private memory in bytes (at least
+        128 MiB): a query that needs more is ``too_large`` with
+        ``limit="memory"``.
+
+    ``elapsed_s`` of the result is the query's own time (opening the
+    database, running, fetching), not the start of a worker.
 
     Raises:
       ValueError: a budget is not usable (`timeout_s` not a finite number > 0,
-        `max_rows` / `max_bytes` < 1, `max_vm_steps` not None or an int >= 1).
+        `max_rows` / `max_bytes` < 1, `max_vm_steps` not None or an int >= 1,
+        `max_memory` below 128 MiB).
     """
-    check_limits(timeout_s, max_rows, max_bytes, max_vm_steps)
-    start = time.perf_counter()
-    try:
-        con = open_readonly(db_path, max_bytes)
-    except DatabaseMissing as e:
-        return ExecResult.failure("db_missing", str(e), time.perf_counter() - start)
-    try:
-        result = run_query(con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
-                           max_vm_steps=max_vm_steps)
-    finally:
-        con.close()
-    return dataclasses.replace(result, elapsed_s=time.perf_counter() - start)
+    check_limits(timeout_s, max_rows, max_bytes, max_vm_steps, max_memory)
+    from jaxsql.sql.worker import run_isolated
+
+    if not isinstance(sql, str):
+        return ExecResult.failure("syntax", f"the query must be text, got {type(sql).__name__}")
+    return run_isolated((os.fspath(db_path), sql, float(timeout_s), int(max_rows), int(max_bytes), max_vm_steps,
+                         False), float(timeout_s), int(max_memory))

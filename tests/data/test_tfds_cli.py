@@ -78,3 +78,44 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "synth"])
     assert e.value.code == 2
+
+
+def test_build_notices_a_changed_source(tmp_path, capsys):
+    from data.synthetic import generate_benchmark
+
+    src = tmp_path / "s"
+    generate_benchmark(src, seed=1, n_train=12, n_dev=4, max_level=1)
+    out = tmp_path / "tfds"
+    assert build_dataset("synthetic", src, out).jaxsql_reused is False
+    assert build_dataset("synthetic", src, out).jaxsql_reused is True  # unchanged: reused
+    lines = (src / "dev.jsonl").read_text().splitlines()
+    (src / "dev.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(JaxsqlError, match=r"changed since it was built \(changed dev.jsonl\).*--rebuild"):
+        build_dataset("synthetic", src, out)
+    capsys.readouterr()
+    assert main(["data", "build", "synthetic", "--manual-dir", str(src), "--data-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a build of synthetic") and "changed dev.jsonl" in err
+    assert len(err.strip().splitlines()) == 1
+    rebuilt = build_dataset("synthetic", src, out, rebuild=True)
+    assert rebuilt.jaxsql_reused is False and rebuilt.info.splits["dev"].num_examples == 2
+    assert build_dataset("synthetic", src, out).jaxsql_reused is True
+    # a build made before fingerprints were recorded is not trusted either
+    (rebuilt.data_path / "jaxsql_source.json").unlink()
+    with pytest.raises(JaxsqlError, match="no jaxsql_source.json"):
+        build_dataset("synthetic", src, out)
+
+
+def test_build_of_an_empty_source_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "build", "spider", "--manual-dir", str(tmp_path / "empty"),
+                 "--data-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: manual_dir") and "is empty" in err and "Traceback" not in err
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "train.jsonl").write_text("")
+    assert main(["data", "build", "jsonl", "--manual-dir", str(tmp_path / "blank"),
+                 "--data-dir", str(tmp_path / "o")]) == 1
+    full = capsys.readouterr().err
+    err = full.strip().splitlines()[-1]  # after tfds's progress bars
+    assert "Traceback" not in full and err.startswith("error:") and "split 'train'" in err and "has no examples" in err

@@ -107,3 +107,27 @@ def test_devices_option(tiny_dir, capsys):
         assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--devices", bad]) == 2
         assert "--devices must be 'auto' or 1.." in capsys.readouterr().err
     assert main(["bench", "generate", "--model", str(tiny_dir), "--repeats", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_test_tokenizer_is_identical_across_invocations(tmp_path):
+    """Two `jaxsql model init --test-tokenizer` processes (two hash seeds) write byte-identical tokenizers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "jaxsql", "model", "init", "--preset", "tiny", "--out",
+                        str(tmp_path / name), "--test-tokenizer"], check=True, env=env, cwd=root,
+                       capture_output=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    save_test_tokenizer(tmp_path / "c")
+    assert (tmp_path / "c" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    ids = tok.encode("SELECT x FROM t WHERE y = 'é'")
+    assert tok.decode(ids) == "SELECT x FROM t WHERE y = 'é'"
+    assert tok.convert_ids_to_tokens(3 + ord("A")) == "A" and tok.vocab_size == 259  # ids follow byte values

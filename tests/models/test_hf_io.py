@@ -92,3 +92,41 @@ def test_export_refuses_foreign_non_empty_directory(hf_dirs, tmp_path):
     assert names == set(index["weight_map"].values())
     hf_io.save_hf_checkpoint(d, cfg, params)
     assert len(list(d.glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("header,n,tail", [
+    (b"{}", 1 << 62, b""),  # a length past the end of the file (was a MemoryError)
+    (b"[1, 2]", None, b""),  # not an object
+    (b'{"w": 5}', None, b""),
+    (b'{"w": {"dtype": "F32"}}', None, b""),  # keys missing
+    (b'{"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}', None, b"\0" * 8),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 99999]}}', None, b"\0" * 8),
+    (b'{"__metadata__": [1]}', None, b""),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]', None, b"\0" * 8),  # truncated JSON
+])
+def test_corrupt_header_is_one_error(tmp_path, header, n, tail):
+    import struct
+
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header) if n is None else n) + header + tail)
+    with pytest.raises(JaxsqlError, match="bad.safetensors: (corrupt safetensors header|not a readable)"):
+        SafetensorsReader(path)
+
+
+def test_corrupt_header_through_the_cli(hf_dirs, tmp_path, capsys):
+    from jaxsql.cli import main
+
+    d = _copy(hf_dirs["qwen2"], tmp_path / "m")
+    shard = sorted(d.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    del header[first]["data_offsets"]  # valid JSON, broken entry (was a KeyError traceback)
+    raw = json.dumps(header).encode()
+    data[8:8 + n] = raw + b" " * (n - len(raw))
+    shard.write_bytes(bytes(data))
+    assert main(["convert", "--hf-in", str(d), "--hf-out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and shard.name in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -215,3 +215,13 @@ def test_cli_export_and_config_errors(uninterrupted, tmp_path, capsys):
     assert main(["train", "--config", str(cfg)]) == 2
     assert "AlgoSection.loss_agg" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_cli_export_of_missing_step_is_one_line(uninterrupted, tmp_path, capsys):
+    from jaxsql.cli import main
+
+    assert main(["export", "--checkpoint", str(uninterrupted[2]), "--out", str(tmp_path / "o"),
+                 "--step", "99"]) == 1
+    err = capsys.readouterr().err
+    assert "--step 99: no such checkpoint" in err and "steps saved:" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

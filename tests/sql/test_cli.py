@@ -96,3 +96,26 @@ def test_exec_vm_step_budget_and_bad_timeouts(capsys, tiny_db):
         assert code == 2 and "--timeout" in err and "Traceback" not in err
     code, _, err = run(capsys, "exec", str(tiny_db), "SELECT 1", "--max-vm-steps", "0")
     assert code == 2 and "--max-vm-steps" in err
+
+
+def test_exec_reads_a_2mb_query_from_a_file_or_stdin(capsys, tiny_db, tmp_path, monkeypatch):
+    import io
+
+    big = "SELECT count(*) FROM people WHERE name IN (" + ",".join(f"'n{i}'" for i in range(230_000)) + ")"
+    assert len(big.encode()) > 2_000_000  # far past what one command-line argument may hold (128 KiB)
+    path = tmp_path / "q.sql"
+    path.write_text(big)
+    code, out, _ = run(capsys, "exec", str(tiny_db), "--file", str(path))
+    assert code == 0 and json.loads(out)["rows"] == [[0]], out[:300]
+    for argv in (["-"], ["--file", "-"]):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(big.encode())))
+        code, out, _ = run(capsys, "exec", str(tiny_db), *argv)
+        assert code == 0 and json.loads(out)["rows"] == [[0]]
+    path.write_bytes(b"SELECT '\xff'")
+    code, out, err = run(capsys, "exec", str(tiny_db), "--file", str(path))
+    assert code == 2 and "not UTF-8" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, "exec", str(tiny_db), "--file", str(tmp_path / "none.sql"))
+    assert code == 2 and "none.sql" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["exec", str(tiny_db), "SELECT 1", "--file", str(path)])
+    assert e.value.code == 2

@@ -105,6 +105,7 @@ def test_pool_survives_hostile_batch_and_answers_next(tiny_db, tmp_path):
     before = file_hash(tiny_db)
     jobs = [(str(tiny_db), sql) for _, sql, _ in HOSTILE] + [(str(tmp_path / "missing.db"), "SELECT 1")]
     with SqlPool(2, timeout_s=DEADLINE) as pool:
+        pool.execute_batch([(str(tiny_db), "SELECT 1"), (str(tiny_db), "SELECT 2")])  # workers started
         start = time.perf_counter()
         results = pool.execute_batch(jobs)
         elapsed = time.perf_counter() - start

@@ -81,7 +81,7 @@ def test_exec_result_validates_kind():
         ExecResult(ok=False, error="weird")
     with pytest.raises(ValueError):
         ExecResult(ok=True, error="syntax")
-    assert set(ERROR_KINDS) == {"syntax", "runtime", "timeout", "too_large", "denied", "db_missing"}
+    assert set(ERROR_KINDS) == {"syntax", "runtime", "timeout", "too_large", "denied", "busy", "db_missing"}
 
 
 def test_invalid_utf8_sql_text(tiny_db):
