@@ -382,9 +382,9 @@ def render_result(result: ExecResult, max_chars: int = MAX_RESULT_CHARS) -> str:
     return text
 
 
-def trajectory_segments(traj: Trajectory, *, tag: str = STEP_TAG,
-                        max_result_chars: int = MAX_RESULT_CHARS) -> list[tuple[str, bool]]:
-    """The PRM text of a trajectory as ``(text, is_tag)`` pieces, in order.
+def prm_segments(step_texts: Sequence[str], rendered_results: Sequence[str], tag: str = STEP_TAG
+                 ) -> list[tuple[str, bool]]:
+    """The PRM text of steps and their rendered results as ``(text, is_tag)`` pieces, in order.
 
     Step k is ``[" " if k > 0] + step_text + "<result>" + rendered result +
     "</result>"``, then the tag; the PRM's score for step k is read at the
@@ -392,11 +392,17 @@ def trajectory_segments(traj: Trajectory, *, tag: str = STEP_TAG,
     exact whatever the tokenizer merges.
     """
     out: list[tuple[str, bool]] = []
-    for k, (step, result) in enumerate(zip(traj.steps, traj.results)):
-        body = ("" if k == 0 else " ") + step.text + RESULT_OPEN + render_result(result, max_result_chars) + RESULT_CLOSE
-        out.append((body, False))
+    for k, (text, rendered) in enumerate(zip(step_texts, rendered_results)):
+        out.append((("" if k == 0 else " ") + text + RESULT_OPEN + rendered + RESULT_CLOSE, False))
         out.append((tag, True))
     return out
+
+
+def trajectory_segments(traj: Trajectory, *, tag: str = STEP_TAG,
+                        max_result_chars: int = MAX_RESULT_CHARS) -> list[tuple[str, bool]]:
+    """`prm_segments` of an executed trajectory (results rendered by `render_result`)."""
+    return prm_segments([s.text for s in traj.steps], [render_result(r, max_result_chars) for r in traj.results],
+                        tag)
 
 
 def render_trajectory(traj: Trajectory, *, tag: str = STEP_TAG, max_result_chars: int = MAX_RESULT_CHARS) -> str:
