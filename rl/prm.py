@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -260,23 +260,24 @@ def record_from_json(d: Any, where: str) -> LabelRecord:
                        tuple(d.get("problems") or ()))
 
 
-def read_label_file(path: str | Path) -> list[LabelRecord]:
-    """Every record of a label file written by ``jaxsql prm label``; a bad line is one clear error."""
+def json_lines(path: str | Path, what: str = "file") -> Iterator[tuple[str, Any]]:
+    """``(file:line, parsed value)`` of every non-blank line of a JSONL file; a missing file or
+    a line that is not JSON is one `JaxsqlError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise JaxsqlError(f"label file not found: {path}")
-    out = []
+        raise JaxsqlError(f"{what} not found: {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MalformedRecord(f"{where}: invalid JSON ({e.msg})") from None
-            out.append(record_from_json(d, where))
-    return out
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MalformedRecord(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_label_file(path: str | Path) -> list[LabelRecord]:
+    """Every record of a label file written by ``jaxsql prm label``; a bad line is one clear error."""
+    return [record_from_json(d, where) for where, d in json_lines(path, "label file")]
 
 
 def label_rows(records: Sequence[LabelRecord], prompt_ids: Callable[[Example], Sequence[int]], tokenizer: Any, *,

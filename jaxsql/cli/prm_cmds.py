@@ -35,26 +35,22 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
     p = psub.add_parser("label", help="step labels of sampled CoCTE trajectories (execution + k continuations)")
     p.add_argument("--policy", required=True, help="HF checkpoint directory of the (CoCTE SFT) policy")
-    p.add_argument("--data", required=True, metavar="SOURCE:PATH", help=SPEC_HELP)
-    p.add_argument("--split", default=None, help="split to read (default: the reader's; synthetic: train)")
+    _add_data_args(p)
     p.add_argument("--k", type=int, required=True, help="continuations sampled per step")
     p.add_argument("--out", required=True, help="label file (JSONL); rerunning with the same settings resumes")
     p.add_argument("--trajectories", type=int, default=4, help="trajectories sampled per example (default 4)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-prompt-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch, the unit of resuming")
     p.add_argument("--limit", type=int, default=None, help="label the first N examples only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
 
     p = psub.add_parser("score", help="per-step and trajectory PRM scores of completions (JSON lines)")
     p.add_argument("--prm", required=True, help="PRM directory (jaxsql prm init, or any causal LM: the lm head)")
-    p.add_argument("--data", required=True, metavar="SOURCE:PATH", help=SPEC_HELP)
-    p.add_argument("--split", default=None, help="split to read (default: the reader's; synthetic: train)")
+    _add_data_args(p)
     p.add_argument("--completions", required=True,
                    help='JSONL with one {"id": example id, "completion": text} per line')
     p.add_argument("--head", choices=("lm", "value"), default=None, help="refuse a PRM with the other head")
@@ -62,10 +58,16 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="policy directory: adds the entropy-weighted score (needs the PRM's tokenizer)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the entropy weighting (nats)")
     p.add_argument("--max-len", type=int, default=2048, help="longest PRM input in tokens")
-    p.add_argument("--max-prompt-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
     p.set_defaults(func=_score)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """Examples, and how their prompts and queries are bounded."""
+    p.add_argument("--data", required=True, metavar="SOURCE:PATH", help=SPEC_HELP)
+    p.add_argument("--split", default=None, help="split to read (default: the reader's; synthetic: train)")
+    p.add_argument("--max-prompt-len", type=int, default=512, help="prompt tokens kept (the last ones)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -134,19 +136,12 @@ def _label(args: argparse.Namespace) -> int:
 
 def read_completions(path: str | Path) -> list[tuple[str, str]]:
     """``(id, completion)`` pairs of a completions JSONL; a bad line is one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise JaxsqlError(f"completions file not found: {path}")
+    from rl.prm import json_lines
+
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxsqlError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for where, d in json_lines(path, "completions file"):
         if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not isinstance(d.get("completion"), str):
-            raise JaxsqlError(f'{path}:{lineno}: expected {{"id": string, "completion": string}}')
+            raise JaxsqlError(f'{where}: expected {{"id": string, "completion": string}}')
         out.append((d["id"], d["completion"]))
     if not out:
         raise JaxsqlError(f"{path}: no completions")
