@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from jaxsql.errors import UsageError
@@ -16,6 +17,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("sql", help="the query")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline (default 5)")
     p.add_argument("--max-rows", type=int, default=10_000, metavar="N", help="row cap (default 10000)")
+    p.add_argument("--max-vm-steps", type=int, default=None, metavar="N",
+                   help="budget of SQLite VM instructions: a reproducible timeout (default: none)")
     p.set_defaults(func=_exec)
 
     p = sub.add_parser("compare", help="compare a predicted query with gold SQL or gold answers")
@@ -25,6 +28,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     gold.add_argument("--gold", help="gold SQL")
     gold.add_argument("--answer", nargs="+", metavar="VALUE", help="gold answer value(s)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline per query (default 5)")
+    p.add_argument("--max-vm-steps", type=int, default=None, metavar="N",
+                   help="budget of SQLite VM instructions per query: a reproducible timeout (default: none)")
     p.set_defaults(func=_compare)
 
     p = bench.add_parser("sql", help="SQL pool throughput vs serial execution")
@@ -36,17 +41,20 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
 
 def _check_limits(args: argparse.Namespace) -> None:
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     if getattr(args, "max_rows", 1) < 1:
         raise UsageError(f"--max-rows must be >= 1, got {args.max_rows}")
+    if args.max_vm_steps is not None and args.max_vm_steps < 1:
+        raise UsageError(f"--max-vm-steps must be >= 1, got {args.max_vm_steps}")
 
 
 def _exec(args: argparse.Namespace) -> int:
     from jaxsql.sql import execute
 
     _check_limits(args)
-    result = execute(args.db, args.sql, timeout_s=args.timeout, max_rows=args.max_rows)
+    result = execute(args.db, args.sql, timeout_s=args.timeout, max_rows=args.max_rows,
+                     max_vm_steps=args.max_vm_steps)
     print(json.dumps(result.to_json(), ensure_ascii=False, allow_nan=False))
     return 0
 
@@ -59,8 +67,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     _check_limits(args)
     pred_sql = extract_sql(args.pred)
-    pred = execute(args.db, pred_sql, timeout_s=args.timeout)
-    gold = execute(args.db, args.gold, timeout_s=args.timeout) if args.gold is not None else None
+    limits = dict(timeout_s=args.timeout, max_vm_steps=args.max_vm_steps)
+    pred = execute(args.db, pred_sql, **limits)
+    gold = execute(args.db, args.gold, **limits) if args.gold is not None else None
     answers = tuple(args.answer) if args.answer is not None else None
     ctx = RewardContext(args.pred, pred_sql, pred, gold, args.gold, answers)
     defaults = RewardConfig(weights={name: 1.0 for name in REWARDS})

@@ -11,8 +11,9 @@ database (opening one costs more than a small query). Two caches:
 - the gold cache, keyed by (example id, database path, gold SQL), unbounded
   (one entry per example), always on.
 
-Timeouts are never cached (they depend on machine load); every other result
-is. Each job carries its own deadline, so a slow job holds one worker for at
+Results ended by the wall-clock deadline are never cached (they depend on
+machine load); every other result is, including a ``timeout`` ended by the
+VM-step budget (``max_vm_steps``), which is reproducible. Each job carries its own deadline, so a slow job holds one worker for at
 most ``timeout_s`` and never delays jobs on other workers. As a backstop for
 work SQLite cannot interrupt (one long-running built-in function call), a job
 still running `ABANDON_GRACE_S` after its deadline is answered ``timeout``
@@ -76,21 +77,38 @@ class SqlPool:
         max_bytes: int = sandbox.DEFAULT_MAX_BYTES,
         cache_size: int = 100_000,
         reuse_connections: bool = True,
+        max_vm_steps: int | None = None,
     ) -> None:
+        """Start `num_workers` workers.
+
+        Args:
+          num_workers: worker count (default: the CPU cores this process may use).
+          timeout_s: wall-clock deadline per job, seconds (finite, > 0).
+          max_rows: row cap per result (``too_large`` beyond, ``limit="rows"``).
+          max_bytes: value-byte cap per result (``too_large`` beyond, ``limit="bytes"``).
+          cache_size: query-cache entries (LRU); 0 turns caching and de-duplication off.
+          reuse_connections: keep one connection per database per worker (False: one per job).
+          max_vm_steps: None, or the SQLite VM-instruction budget of every job
+            (see `jaxsql.sql.execute`): a job that uses it up is ``timeout``
+            with ``limit="vm_steps"``, on any machine at any load, and that
+            answer is cached like any other. The deadline still applies.
+
+        Raises:
+          ConfigError: a setting is out of range (the message names it).
+        """
         if num_workers is not None and num_workers < 1:
             raise ConfigError(f"SqlPool.num_workers: must be >= 1, got {num_workers}")
-        if not timeout_s > 0:
-            raise ConfigError(f"SqlPool.timeout_s: must be > 0, got {timeout_s}")
-        if max_rows < 1:
-            raise ConfigError(f"SqlPool.max_rows: must be >= 1, got {max_rows}")
-        if max_bytes < 1:
-            raise ConfigError(f"SqlPool.max_bytes: must be >= 1, got {max_bytes}")
         if cache_size < 0:
             raise ConfigError(f"SqlPool.cache_size: must be >= 0, got {cache_size}")
+        try:
+            sandbox.check_limits(timeout_s, max_rows, max_bytes, max_vm_steps)
+        except ValueError as e:
+            raise ConfigError(f"SqlPool.{e}") from None
         self.num_workers = num_workers or default_num_workers()
         self.timeout_s = float(timeout_s)
         self.max_rows = int(max_rows)
         self.max_bytes = int(max_bytes)
+        self.max_vm_steps = max_vm_steps
         self.cache_size = int(cache_size)
         self.reuse_connections = reuse_connections
         self._lock = threading.Lock()
@@ -204,7 +222,7 @@ class SqlPool:
                     self._counts[prefix + "misses"] += 1
         for store, key, job, idxs in pending.values():
             result = self._account(self._wait(job))
-            if key is not None and result.error != "timeout":
+            if key is not None and result.limit != "deadline":
                 self._store(store, key, result)
             for i in idxs:
                 results[i] = result
@@ -224,7 +242,7 @@ class SqlPool:
             self._spawn_worker()
             return ExecResult.failure(
                 "timeout", "the query did not stop at its deadline; its worker was abandoned",
-                time.perf_counter() - started,
+                time.perf_counter() - started, limit="deadline",
             )
         assert job.result is not None
         return job.result
@@ -278,16 +296,14 @@ class SqlPool:
         """Worker body: never raises, whatever the query does."""
         try:
             if not self.reuse_connections:
-                return sandbox.execute(
-                    db_path, sql, timeout_s=self.timeout_s, max_rows=self.max_rows, max_bytes=self.max_bytes
-                )
+                return sandbox.execute(db_path, sql, timeout_s=self.timeout_s, max_rows=self.max_rows,
+                                       max_bytes=self.max_bytes, max_vm_steps=self.max_vm_steps)
             try:
                 con = self._connection(db_path)
             except sandbox.DatabaseMissing as e:
                 return ExecResult.failure("db_missing", str(e))
-            return sandbox.run_query(
-                con, sql, timeout_s=self.timeout_s, max_rows=self.max_rows, max_bytes=self.max_bytes
-            )
+            return sandbox.run_query(con, sql, timeout_s=self.timeout_s, max_rows=self.max_rows,
+                                     max_bytes=self.max_bytes, max_vm_steps=self.max_vm_steps)
         except Exception as e:  # noqa: BLE001 - a job must not kill its worker
             return ExecResult.failure("runtime", f"internal error: {type(e).__name__}: {e}")
 

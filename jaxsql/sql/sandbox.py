@@ -10,7 +10,9 @@ Guarantees of `execute` (each tested in ``tests/sql/test_hostile.py``):
   PRAGMA is ``denied``; ``PRAGMA query_only`` is on as a second lock;
 - exactly one statement per call (several statements are ``denied``);
 - a progress handler checks the deadline every `PROGRESS_EVERY` virtual
-  machine instructions and interrupts the query (``timeout``);
+  machine instructions and interrupts the query (``timeout``); it also
+  counts the instructions, and an optional budget `max_vm_steps` stops the
+  query reproducibly (``timeout`` with ``limit="vm_steps"``);
 - SQLite limits bound any single string or BLOB, SQL text length and
   expression depth, and rows and bytes fetched are capped (``too_large``);
 - invalid UTF-8 text is decoded with replacement characters instead of failing.
@@ -18,6 +20,8 @@ Guarantees of `execute` (each tested in ``tests/sql/test_hostile.py``):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import sqlite3
@@ -113,7 +117,10 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         raise DatabaseMissing(f"database {str(db_path)!r} does not exist")
     uri = path.resolve().as_uri() + "?mode=ro"
     try:
-        con = sqlite3.connect(uri, uri=True, timeout=0.25, isolation_level=None, check_same_thread=False)
+        # cached_statements=0: every query is prepared afresh, so its VM-step
+        # count starts at zero (see `_Budget`).
+        con = sqlite3.connect(uri, uri=True, timeout=0.25, isolation_level=None, check_same_thread=False,
+                              cached_statements=0)
     except sqlite3.Error as e:
         raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}") from None
     try:
@@ -181,6 +188,53 @@ def _blob_text(raw: bytes) -> str:
     return "x'" + raw.hex() + "'"
 
 
+class _Budget:
+    """The progress handler of one query: wall-clock deadline and VM-step budget.
+
+    SQLite calls `check` every `every` VM instructions (it catches up when an
+    instruction jumps past several intervals), so ``calls * every`` counts the
+    instructions executed, rounded down. The statement is prepared fresh for
+    every query (``cached_statements=0``): a reused statement would carry its
+    previous run's count modulo `every`, making the count depend on history.
+    """
+
+    __slots__ = ("deadline", "max_vm_steps", "every", "calls", "stopped_by")
+
+    def __init__(self, deadline: float, max_vm_steps: int | None) -> None:
+        self.deadline = deadline
+        self.max_vm_steps = max_vm_steps
+        self.every = PROGRESS_EVERY if max_vm_steps is None else min(PROGRESS_EVERY, max_vm_steps)
+        self.calls = 0
+        self.stopped_by: str | None = None
+
+    @property
+    def vm_steps(self) -> int:
+        return self.calls * self.every
+
+    def check(self) -> int:
+        self.calls += 1
+        if self.max_vm_steps is not None and self.calls * self.every >= self.max_vm_steps:
+            self.stopped_by = "vm_steps"
+            return 1
+        if time.perf_counter() > self.deadline:
+            self.stopped_by = "deadline"
+            return 1
+        return 0
+
+
+def check_limits(timeout_s: float, max_rows: int, max_bytes: int, max_vm_steps: int | None) -> None:
+    """Raise ValueError naming the bad value unless every budget is usable."""
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes!r}")
+    if max_vm_steps is not None and (isinstance(max_vm_steps, bool) or not isinstance(max_vm_steps, int)
+                                     or max_vm_steps < 1):
+        raise ValueError(f"max_vm_steps must be None or an int >= 1, got {max_vm_steps!r}")
+
+
 def run_query(
     con: sqlite3.Connection,
     sql: str,
@@ -188,6 +242,7 @@ def run_query(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_rows: int = DEFAULT_MAX_ROWS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_vm_steps: int | None = None,
 ) -> ExecResult:
     """Run `sql` on a connection made by `open_readonly` (see `execute`)."""
     start = time.perf_counter()
@@ -201,42 +256,34 @@ def run_query(
         return ExecResult.failure("syntax", "query contains a NUL character", time.perf_counter() - start)
     if len(sql) > _MAX_SQL_LENGTH:
         return ExecResult.failure("too_large", f"query longer than {_MAX_SQL_LENGTH} characters", time.perf_counter() - start)
-    deadline = start + timeout_s
-    result = _run_once(con, sql, deadline, max_rows, max_bytes, str)
+    # One budget for both runs below: a retry does not get a second allowance.
+    budget = _Budget(start + timeout_s, max_vm_steps)
+    result = _run_once(con, sql, budget, max_rows, max_bytes, str)
     if result is None:  # invalid UTF-8 in a text value: decode it leniently and run again
-        result = _run_once(con, sql, deadline, max_rows, max_bytes, _decode_replacing)
-    ok, payload = result
+        result = _run_once(con, sql, budget, max_rows, max_bytes, _decode_replacing)
+    ok, payload, limit = result
     elapsed = time.perf_counter() - start
     if ok:
         columns, rows = payload
-        return ExecResult(ok=True, columns=columns, rows=rows, elapsed_s=elapsed)
+        return ExecResult(ok=True, columns=columns, rows=rows, elapsed_s=elapsed, vm_steps=budget.vm_steps)
     kind, message = payload
-    return ExecResult.failure(kind, message, elapsed)
+    return ExecResult.failure(kind, message, elapsed, limit=limit, vm_steps=budget.vm_steps)
 
 
 def _run_once(
-    con: sqlite3.Connection, sql: str, deadline: float, max_rows: int, max_bytes: int,
+    con: sqlite3.Connection, sql: str, budget: _Budget, max_rows: int, max_bytes: int,
     text_factory: Callable[[bytes], str] | type[str],
-) -> tuple[bool, tuple[Any, Any]] | None:
-    """``(True, (columns, rows))``, ``(False, (kind, message))``, or None to retry with lenient text decoding."""
-    timed_out = False
-
-    def progress() -> int:
-        nonlocal timed_out
-        if time.perf_counter() > deadline:
-            timed_out = True
-            return 1
-        return 0
-
+) -> tuple[bool, tuple[Any, Any], str | None] | None:
+    """``(True, (columns, rows), None)``, ``(False, (kind, message), limit)``, or None to retry with lenient text decoding."""
     con.text_factory = text_factory
-    con.set_progress_handler(progress, PROGRESS_EVERY)
+    con.set_progress_handler(budget.check, budget.every)
     cur = None
     try:
         cur = con.execute(sql)
         if cur.description is None:
             if not _COMMENTS.sub("", sql).strip(" \t\r\n\f;"):
-                return False, ("syntax", "empty query (only comments)")
-            return False, ("denied", "not a query: only statements that return rows may run")
+                return False, ("syntax", "empty query (only comments)"), None
+            return False, ("denied", "not a query: only statements that return rows may run"), None
         columns = tuple(d[0] for d in cur.description)
         rows: list[tuple[Any, ...]] = []
         nbytes = 0
@@ -259,26 +306,34 @@ def _run_once(
                     row = tuple(_blob_text(v) if type(v) is bytes else v for v in row)
                 rows.append(row)
             if len(rows) > max_rows:
-                return False, ("too_large", f"more than {max_rows} rows")
+                return False, ("too_large", f"more than {max_rows} rows"), "rows"
             if nbytes > max_bytes:
-                return False, ("too_large", f"result larger than {max_bytes} bytes")
-            if time.perf_counter() > deadline:
-                return False, ("timeout", "deadline passed while fetching rows")
-        return True, (columns, tuple(rows))
+                return False, ("too_large", f"result larger than {max_bytes} bytes"), "bytes"
+            if time.perf_counter() > budget.deadline:
+                return False, ("timeout", "deadline passed while fetching rows"), "deadline"
+        return True, (columns, tuple(rows)), None
     except sqlite3.ProgrammingError as e:
         if "one statement" in str(e):
-            return False, ("denied", "only one statement per query is allowed")
-        return False, (classify_error(e, timed_out), str(e))
+            return False, ("denied", "only one statement per query is allowed"), None
+        return _failure(e, budget)
     except sqlite3.OperationalError as e:
         if "could not decode to utf-8" in str(e).lower() and text_factory is str:
             return None
-        return False, (classify_error(e, timed_out), str(e))
+        return _failure(e, budget)
     except (sqlite3.Error, MemoryError, OverflowError, ValueError) as e:
-        return False, (classify_error(e, timed_out), str(e) or type(e).__name__)
+        return _failure(e, budget)
     finally:
         if cur is not None:
             cur.close()
         con.set_progress_handler(None, 0)
+
+
+def _failure(exc: BaseException, budget: _Budget) -> tuple[bool, tuple[str, str], str | None]:
+    if budget.stopped_by is not None:
+        what = (f"VM-step budget of {budget.max_vm_steps} instructions used up"
+                if budget.stopped_by == "vm_steps" else "deadline passed")
+        return False, ("timeout", f"{what} ({exc})"), budget.stopped_by
+    return False, (classify_error(exc, False), str(exc) or type(exc).__name__), None
 
 
 def execute(
@@ -288,6 +343,7 @@ def execute(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_rows: int = DEFAULT_MAX_ROWS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_vm_steps: int | None = None,
 ) -> ExecResult:
     """Run one untrusted query read-only against the SQLite file `db_path`.
 
@@ -295,20 +351,37 @@ def execute(
     with ``ok=False`` and an error kind (``syntax``, ``runtime``, ``timeout``,
     ``too_large``, ``denied``, ``db_missing``). More than `max_rows` rows or
     more than `max_bytes` bytes of values is ``too_large`` (no truncated result).
-    Raises ValueError for a non-positive `timeout_s`, `max_rows` or `max_bytes`.
+
+    Args:
+      db_path: the SQLite file (opened read-only; never created).
+      sql: one untrusted statement.
+      timeout_s: wall-clock deadline in seconds (finite, > 0). Whether a slow
+        query passes it depends on the machine and its load.
+      max_rows: more rows than this is ``too_large`` (``limit="rows"``).
+      max_bytes: more bytes of values than this is ``too_large`` (``limit="bytes"``).
+      max_vm_steps: None, or a budget of SQLite virtual-machine instructions:
+        a query that executes that many is stopped with error ``timeout`` and
+        ``limit="vm_steps"``. The count depends only on the query, the
+        database and the SQLite version, so unlike the deadline it gives the
+        same answer on every machine at any load. Checked every
+        `PROGRESS_EVERY` (10,000) instructions, or every `max_vm_steps` when
+        smaller: the query stops at the first check at or past the budget.
+        The deadline still applies; whichever budget runs out first ends the
+        query and is named in `ExecResult.limit`.
+
+    Raises:
+      ValueError: a budget is not usable (`timeout_s` not a finite number > 0,
+        `max_rows` / `max_bytes` < 1, `max_vm_steps` not None or an int >= 1).
     """
-    if not (timeout_s > 0 and max_rows >= 1 and max_bytes >= 1):
-        raise ValueError(f"execute: need timeout_s > 0, max_rows >= 1, max_bytes >= 1; got {timeout_s}, {max_rows}, {max_bytes}")
+    check_limits(timeout_s, max_rows, max_bytes, max_vm_steps)
     start = time.perf_counter()
     try:
         con = open_readonly(db_path, max_bytes)
     except DatabaseMissing as e:
         return ExecResult.failure("db_missing", str(e), time.perf_counter() - start)
     try:
-        result = run_query(con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes)
+        result = run_query(con, sql, timeout_s=timeout_s, max_rows=max_rows, max_bytes=max_bytes,
+                           max_vm_steps=max_vm_steps)
     finally:
         con.close()
-    return ExecResult(
-        ok=result.ok, columns=result.columns, rows=result.rows, error=result.error,
-        message=result.message, elapsed_s=time.perf_counter() - start,
-    )
+    return dataclasses.replace(result, elapsed_s=time.perf_counter() - start)

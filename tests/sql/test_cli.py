@@ -84,3 +84,15 @@ def test_bench_sql_small(capsys):
     data = json.loads(out)
     assert data["queries"] == 24 and data["errors"] == 0 and data["pool_matches_serial"] is True
     assert data["serial_qps"] > 0 and data["pool_qps"] > 0 and data["cache_executed"] <= 3
+
+
+def test_exec_vm_step_budget_and_bad_timeouts(capsys, tiny_db):
+    slow = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c) SELECT count(*) FROM c"
+    code, out, _ = run(capsys, "exec", str(tiny_db), slow, "--timeout", "60", "--max-vm-steps", "100000")
+    data = json.loads(out)
+    assert code == 0 and data["error"] == "timeout" and data["limit"] == "vm_steps" and data["vm_steps"] == 100000
+    for bad in ("inf", "nan", "-1"):
+        code, _, err = run(capsys, "exec", str(tiny_db), "SELECT 1", "--timeout", bad)
+        assert code == 2 and "--timeout" in err and "Traceback" not in err
+    code, _, err = run(capsys, "exec", str(tiny_db), "SELECT 1", "--max-vm-steps", "0")
+    assert code == 2 and "--max-vm-steps" in err

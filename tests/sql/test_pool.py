@@ -178,3 +178,22 @@ def test_database_removed_while_connection_cached(tiny_db, tmp_path):
         r = pool.execute_batch([(str(copy), "SELECT count(*) FROM people")])[0]
         assert r.error == "db_missing"
         assert not copy.exists()
+
+
+def test_vm_step_timeouts_are_cached_deadline_timeouts_are_not(tiny_db):
+    db = str(tiny_db)
+    with SqlPool(2, timeout_s=600, max_vm_steps=50_000) as pool:
+        a = pool.execute_batch([(db, SLOW)])[0]
+        b = pool.execute_batch([(db, SLOW)])[0]
+        s = pool.stats()
+    assert a.error == "timeout" and a.limit == "vm_steps" and b is a
+    assert (s["executed"], s["hits"], s["cached"]) == (1, 1, 1)
+    with SqlPool(2, timeout_s=0.3, max_vm_steps=10**12) as pool:
+        r = pool.execute_batch([(db, SLOW)])[0]
+        assert r.limit == "deadline" and pool.stats()["cached"] == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_vm_steps=0), dict(timeout_s=float("inf")), dict(max_bytes=0)])
+def test_bad_budget_settings_name_the_field(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        SqlPool(**kwargs)
