@@ -68,6 +68,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="split to read (default: the reader's; synthetic: train)")
     p.add_argument("--max-prompt-len", type=int, default=512, help="prompt tokens kept (the last ones)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
+    p.add_argument("--max-vm-steps", type=int, default=None, metavar="N",
+                   help="SQLite VM-instruction budget per query: whether a slow step fails no longer depends on "
+                        "machine load (default: the deadline only)")
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -115,8 +118,8 @@ def _label(args: argparse.Namespace) -> int:
     from rl.rollout import PromptEncoder
     from rl.setup import special_ids
 
-    for name in ("--timeout", "--limit"):
-        _positive(name, getattr(args, name[2:]))
+    for name in ("--timeout", "--limit", "--max-vm-steps"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
     settings = LabelSettings(k=args.k, trajectories=args.trajectories, temperature=args.temperature,
                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              seed=args.seed, max_prompt_len=args.max_prompt_len)
@@ -126,8 +129,8 @@ def _label(args: argparse.Namespace) -> int:
     encoder = PromptEncoder(tok, "cocte", args.max_prompt_len)
     sample = policy_sampler(params, cfg, tok, settings=settings, stop_ids=stop_ids, pad_id=pad_id)
     meta = {"policy": str(Path(args.policy).resolve()), "data": args.data, "split": args.split,
-            "limit": args.limit}
-    with SqlPool(timeout_s=args.timeout) as pool:
+            "limit": args.limit, "max_vm_steps": args.max_vm_steps}
+    with SqlPool(timeout_s=args.timeout, max_vm_steps=args.max_vm_steps) as pool:
         stats = run_labeling(examples, args.out, pool=pool, prompt_ids=encoder, sample=sample, settings=settings,
                              meta=meta, progress=not args.no_progress)
     print(json.dumps({"out": str(args.out), **stats}))
@@ -156,7 +159,7 @@ def _score(args: argparse.Namespace) -> int:
     from rl.prm_score import policy_step_entropies, score_completions
     from rl.rollout import PromptEncoder
 
-    for name in ("--tau", "--max-len", "--batch-size", "--timeout", "--max-prompt-len"):
+    for name in ("--tau", "--max-len", "--batch-size", "--timeout", "--max-prompt-len", "--max-vm-steps"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     pairs = read_completions(args.completions)
     by_id = {e.id: e for e in load_data_spec(args.data, args.split)}
@@ -179,7 +182,7 @@ def _score(args: argparse.Namespace) -> int:
         policy_prompts = PromptEncoder(tok, "cocte", args.max_prompt_len)
         entropies = policy_step_entropies(params, cfg, tok, [policy_prompts(e) for e in examples], completions,
                                           spans, batch_size=args.batch_size)
-    with SqlPool(timeout_s=args.timeout) as pool:
+    with SqlPool(timeout_s=args.timeout, max_vm_steps=args.max_vm_steps) as pool:
         scored = score_completions(prm, examples, completions, pool, prompt_ids=encoder, max_len=args.max_len,
                                    batch_size=args.batch_size, entropies=entropies, tau=args.tau)
     for (i, _), s in zip(pairs, scored):
