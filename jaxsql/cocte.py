@@ -295,10 +295,13 @@ def split_steps(sql: str, *, max_chars: int = MAX_CHARS, max_steps: int = MAX_ST
         return Chain(sql if isinstance(sql, str) else "", (), "none", ("empty",))
     if len(sql) > max_chars:
         return Chain(sql, (), "none", ("too_long",))
-    if _WITH_HEAD.match(sql) is None:
+    from sqlglot.tokens import TokenType
+
+    tokens = _tokens(sql)
+    starts_with = tokens[0].token_type == TokenType.WITH if tokens else _WITH_HEAD.match(sql) is not None
+    if not starts_with:  # comments before WITH are fine: the tokenizer skips them
         s, e = _stripped(sql, 0, len(sql))
         return Chain(sql, (Step(sql[s:e], s, e, "final", None, sql[s:e]),), "single", ("not_cocte",))
-    tokens = _tokens(sql)
     split = _split_sqlglot(sql, tokens) if tokens else None
     method = "sqlglot"
     if split is None:

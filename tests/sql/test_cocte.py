@@ -39,6 +39,12 @@ def test_split_well_formed_chain_golden():
     assert chain.steps[2].query == CHAIN
 
 
+def test_leading_comment_and_lower_case():
+    chain = split_steps("-- two steps\nwith a as (select 1 as x)\n\nselect x from a")
+    assert chain.is_cocte and chain.steps[0].text.startswith("-- two steps\nwith a as")
+    assert chain.steps[0].query == "WITH a as (select 1 as x) SELECT * FROM a LIMIT 50"
+
+
 def test_split_whitespace_free_and_quoted_names():
     sql = 'WITH RECURSIVE "a b"(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM "a b" WHERE n < 3), c AS ' \
           "(SELECT ')' AS p) SELECT * FROM \"a b\", c;"
