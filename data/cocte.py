@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from data.records import Example
 from jaxsql.cocte import format_chain, split_steps
@@ -55,7 +55,8 @@ class Conversion:
       steps: number of steps (CTEs and the final SELECT).
       lifted: what each CTE step holds: ``subquery``, ``derived``, ``filter``, ``join``, ``branch``, ``with``
         (a CTE the gold query already had) or ``whole`` (the single-step wrap).
-      reason: one of `REASONS` (``converted`` when kept with two or more lifted parts... see `convert_examples`).
+      reason: one of `REASONS`: ``converted`` (checked, at least one part lifted), ``single_step``
+        (checked, nothing to lift), else why the conversion is not kept.
       detail: the error message behind a failure, else "".
     """
 
@@ -535,27 +536,17 @@ def cocte_examples(report: ConversionReport, keep_single_step: bool = True) -> l
 def chain_target(sql: str) -> str | None:
     """The policy-layout text of SQL that already is a CoCTE chain, else None.
 
-    Whitespace inside each step is collapsed to single spaces; steps are laid
-    out one per blank-line block, as `format_chain` writes them.
+    Steps are laid out one per blank-line block (`jaxsql.cocte.format_chain`'s
+    layout); whitespace inside a step collapses to single spaces unless the
+    step holds a comment (where a newline ends the comment).
     """
     from jaxsql.sql.normalize import whitespace_normalize
 
     chain = split_steps(sql)
     if not chain.is_cocte:
         return None
-    ctes = [whitespace_normalize(s.text) for s in chain.steps[:-1]]
-    ctes[0] = ctes[0][len("WITH"):].lstrip()
-    recursive = ctes[0][:9].upper() == "RECURSIVE"
-    if recursive:
-        ctes[0] = ctes[0][9:].lstrip()
-    ctes = [c[:-1].rstrip() if c.endswith(",") else c for c in ctes]
-    return format_chain(ctes, whitespace_normalize(chain.steps[-1].text), recursive)
-
-
-def iter_reasons(report: ConversionReport) -> Iterable[tuple[str, int]]:
-    """(reason, count) in `REASONS` order."""
-    for r in REASONS:
-        yield r, report.by_reason.get(r, 0)
+    tidy = [s.text if ("--" in s.text or "/*" in s.text) else whitespace_normalize(s.text) for s in chain.steps]
+    return "\n\n".join(tidy)
 
 
 def write_jsonl(examples: Sequence[Example], path, *, relative_to=None) -> int:

@@ -105,6 +105,8 @@ def test_chain_target_keeps_an_existing_chain():
     assert chain_target(chain) == ("WITH a AS (SELECT * FROM product WHERE price > 5),\n\n"
                                    "b AS (SELECT name FROM a)\n\nSELECT * FROM b")
     assert chain_target("SELECT 1") is None
+    commented = "-- plan\nWITH a AS (SELECT 1 -- one\n),\nb AS (SELECT * FROM a) SELECT * FROM b"
+    assert chain_target(commented) == "-- plan\nWITH a AS (SELECT 1 -- one\n),\n\nb AS (SELECT * FROM a)\n\nSELECT * FROM b"
     e = Example(id="x", db_path="none.sqlite", question="q", gold_sql=chain)
     assert render_target(e, "cocte") == chain_target(chain)
 
