@@ -3,7 +3,11 @@
 Every reward is a pure function ``fn(ctx: RewardContext, **params) -> float``
 in `REWARDS`; a `RewardConfig` names rewards with weights and per-reward
 parameters, and `score_batch` executes a batch of completions through a
-`SqlPool` and returns the weighted sum per completion.
+`SqlPool` and returns the weighted sum per completion, within a deadline.
+
+Rewards named after a paper follow its released code (each docstring names
+the file and commit); ``execution`` is the weak-supervision reward of
+Kulkarni & Srikumar (no code released), ``arctic`` follows the Arctic paper.
 
 The name ``process`` is reserved for the process reward model (Reward-SQL
 PRM step scores); it is not registered yet and a config naming it is refused.
@@ -20,15 +24,23 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from jaxsql.compare import compare_all
+from jaxsql.compare import METRIC_NAMES, compare_all
 from jaxsql.config import require
+from jaxsql.deadline import NEVER, Deadline, ScoringTimeout
 from jaxsql.errors import ConfigError, JaxsqlError
-from jaxsql.extract import cocte_format_ok, extract_sql, format_ok
+from jaxsql.extract import cocte_format_ok, extract_sql, format_ok, format_ok_think2sql
 from jaxsql.sql.pool import SqlPool
 from jaxsql.sql.result import ExecResult
 
-MATCHES = ("ex_bag", "ex_set", "ex_ordered")
-FORMAT_SHAPES = ("think_answer", "cocte", "think_answer+cocte")
+#: Comparisons that can decide "correct" against a gold result (all computed from the raw execution).
+MATCHES = ("ex_bag_rowfree", "ex_bag", "ex_set", "ex_ordered", "bird_ex", "think2sql_ex")
+FORMAT_SHAPES = ("think_answer", "think_answer_strict", "cocte", "think_answer+cocte")
+GATED_SCORES = ("cp_cr_tc", "bird_ex")
+#: What a prediction whose result is empty, like the gold result, counts as.
+EMPTY_RESULT = ("correct", "wrong", "neutral")
+#: Metrics computed for rewards (``spider_ex`` needs its own executions: evaluation only).
+REWARD_METRICS = tuple(m for m in METRIC_NAMES if m != "spider_ex")
+DEFAULT_SCORE_TIMEOUT_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +49,10 @@ class RewardContext:
 
     `gold` is the gold SQL's result (None without gold SQL); `gold_answers`
     are gold answer strings (None without them). `comparison` is computed once,
-    on first use, by `jaxsql.compare.compare_all`.
+    on first use, by `jaxsql.compare.compare_all`. `empty_result` says what a
+    prediction counts as when its result and the gold result are both empty
+    (`EMPTY_RESULT`) and `empty_value` is the reward it then gets when that is
+    ``"neutral"``.
     """
 
     completion: str
@@ -46,22 +61,41 @@ class RewardContext:
     gold: ExecResult | None = None
     gold_sql: str | None = None
     gold_answers: tuple[str, ...] | None = None
+    empty_result: str = "correct"
+    empty_value: float = 0.0
+    deadline: Deadline = dataclasses.field(default=NEVER, compare=False, repr=False)
 
     @functools.cached_property
     def comparison(self) -> dict[str, Any]:
-        return compare_all(self.pred, self.gold, self.gold_answers, self.gold_sql)
+        return compare_all(self.pred, self.gold, self.gold_answers, self.gold_sql, self.pred_sql,
+                           metrics=REWARD_METRICS, deadline=self.deadline)
+
+    @property
+    def both_empty(self) -> bool:
+        """The prediction ran and returned no rows, and so did the gold query."""
+        return (self.pred.ok and self.gold is not None and self.gold.ok
+                and len(self.pred.rows) == 0 and len(self.gold.rows) == 0)
+
+    @property
+    def neutral(self) -> bool:
+        """The empty-result guard is ``neutral`` and applies to this completion."""
+        return self.empty_result == "neutral" and self.both_empty
 
 
-def is_correct(ctx: RewardContext, match: str = "ex_bag") -> bool:
+def is_correct(ctx: RewardContext, match: str = "ex_bag_rowfree") -> bool:
     """Whether the prediction is right: against the gold SQL result with the
-    comparison `match` (``ex_bag`` by default: Think2SQL's refined EX, strict on
-    duplicates yet free of column order) when a gold result exists, else by the
-    exact denotation match against the gold answers (weak supervision)."""
+    comparison `match` (``ex_bag_rowfree`` by default: strict on duplicates yet
+    free of column order) when a gold result exists, else by the exact
+    denotation match against the gold answers (weak supervision). With
+    ``empty_result="wrong"`` (or ``"neutral"``) an empty result is never correct
+    against an empty gold result."""
     if match not in MATCHES:
         raise ConfigError(f"reward parameter match: must be one of {list(MATCHES)}, got {match!r}")
     if not ctx.pred.ok:
         return False
     if ctx.gold is not None:
+        if ctx.both_empty and ctx.empty_result != "correct":
+            return False
         return bool(ctx.gold.ok and ctx.comparison[match])
     if ctx.gold_answers is not None:
         return bool(ctx.comparison["denotation_exact"])
@@ -73,7 +107,7 @@ def _gold_failed(ctx: RewardContext) -> bool:
 
 
 def execution(ctx: RewardContext, correct: float = 1.0, wrong: float = 0.0, failed: float = -1.0,
-              match: str = "ex_bag") -> float:
+              match: str = "ex_bag_rowfree") -> float:
     """Execution reward: `correct` if right (`is_correct`), `failed` if the SQL
     does not run, `wrong` otherwise.
 
@@ -82,54 +116,102 @@ def execution(ctx: RewardContext, correct: float = 1.0, wrong: float = 0.0, fail
     """
     if not ctx.pred.ok:
         return failed
+    if ctx.neutral:
+        return ctx.empty_value
     return correct if is_correct(ctx, match) else wrong
 
 
-def qatch(ctx: RewardContext) -> float:
-    """Dense QATCH reward: ``(CP + CR + TC) / 3`` against the gold result; 0 if
-    the prediction fails. With gold answers only, the relaxed denotation score
-    (fraction of gold values found) stands in for it.
-
-    Source: Papicchio et al. 2025 (Think2SQL), metrics of QATCH (Papicchio et al. 2023).
-    """
-    if not ctx.pred.ok:
-        return 0.0
-    c = ctx.comparison
-    if ctx.gold is not None:
-        return float(c["qatch"]) if ctx.gold.ok else 0.0
+def _dense_score(ctx: RewardContext) -> float:
+    """Think2SQL's QATCH score (``cp_cr_tc``) against the gold result; the relaxed
+    denotation score with gold answers only (ours); 0 when the guard says wrong."""
+    if ctx.gold is not None or ctx.gold_sql is not None:
+        if ctx.gold is None or not ctx.gold.ok or (ctx.both_empty and ctx.empty_result == "wrong"):
+            return 0.0
+        return float(ctx.comparison["cp_cr_tc"])
     if ctx.gold_answers is not None:
-        return float(c["denotation_relaxed"])
+        return float(ctx.comparison["denotation_relaxed"]) if ctx.pred.ok else 0.0
     return 0.0
 
 
-def gated(ctx: RewardContext, think_tag: str = "think", answer_tag: str = "answer", match: str = "ex_bag",
-          floor: float = 0.1, require_format: bool = True) -> float:
-    """Think2SQL gated reward: 0 if the predicted or gold SQL does not execute;
-    1 if the prediction is exact; else ``max(qatch, floor)`` when the completion
-    has the think/answer format, and 0 when it does not.
+def qatch(ctx: RewardContext) -> float:
+    """Dense QATCH reward, Think2SQL's ``QATCH`` reward as released: ``cp_cr_tc``,
+    ``round((CP + CR + TC) / 3, 3)``, 0 when the predicted or gold SQL fails.
+    With gold answers only, the relaxed denotation score stands in (ours).
 
-    Source: Papicchio et al. 2025, Think2SQL (QA + SU + FM gating).
+    Source: spapicchio/Think2SQL e099208 ``grpo/rewards/get_rewards_fun.py``
+    (``qatch_reward_fn`` = ``nl2sql_reward`` with ``QATCHEvaluator``, metric
+    ``cp_cr_tc``; nl2sqlevaluator 1.3.4 ``evaluator_nodes/qatch_metrics.py``).
     """
+    if ctx.neutral:
+        return ctx.empty_value
+    return _dense_score(ctx)
+
+
+def _buckets(score: float) -> float:
+    """Think2SQL's ``is_discrete_buckets`` mapping, as its code has it."""
+    if score < 0.1:
+        return 0.1
+    if score < 0.5:
+        return 0.5
+    if score < 0.8:
+        return 0.8
+    return 0.9
+
+
+def gated(ctx: RewardContext, think_tag: str = "think", answer_tag: str = "answer", score: str = "cp_cr_tc",
+          floor: float = 0.1, require_format: bool = True, buckets: bool = False) -> float:
+    """Think2SQL's gated reward as released (``reward_small_update``).
+
+    0 if the predicted or gold SQL fails; 1 if the score is exactly 1; else,
+    when the completion has Think2SQL's format (`format_ok_think2sql`, or
+    always with ``require_format=False``), ``max(score, floor)`` (``floor`` is
+    the released 0.1; ``buckets``: the released discrete buckets), and 0 when
+    it does not. ``score``: ``cp_cr_tc`` (the ``qatch_small_update*`` rewards)
+    or ``bird_ex`` (``ex_small_update*``). With gold answers only (ours): exact
+    denotation = 1, the relaxed denotation score otherwise.
+
+    Source: spapicchio/Think2SQL e099208 ``grpo/rewards/rewards_answer_content.py``
+    ``reward_small_update`` with ``include_format_reward=True``
+    (``qatch_small_update_with_fm``, trained by ``scripts/slurm/train_grpo_multi_node.sh``).
+    """
+    if score not in GATED_SCORES:
+        raise ConfigError(f"reward parameter score: must be one of {list(GATED_SCORES)}, got {score!r}")
     if not ctx.pred.ok or _gold_failed(ctx):
         return 0.0
-    if is_correct(ctx, match):
+    if ctx.neutral:
+        return ctx.empty_value
+    if ctx.gold is None and ctx.gold_answers is not None:
+        value = 1.0 if is_correct(ctx) else _dense_score(ctx)
+    elif score == "bird_ex":
+        value = 0.0 if ctx.both_empty and ctx.empty_result == "wrong" else float(ctx.comparison["bird_ex"])
+    else:
+        value = _dense_score(ctx)
+    if value == 1:
         return 1.0
-    if require_format and not format_ok(ctx.completion, think_tag, answer_tag):
+    if require_format and not format_ok_think2sql(ctx.completion, think_tag, answer_tag):
         return 0.0
-    return max(qatch(ctx), floor)
+    if buckets:
+        return _buckets(value)
+    return value if value > floor else floor
 
 
 def format(ctx: RewardContext, think_tag: str = "think", answer_tag: str = "answer",
            shape: str = "think_answer") -> float:
     """Format reward: 1 if the completion has the expected shape, else 0.
 
-    ``think_answer``: ``<think>...</think><answer>...</answer>`` (Think2SQL, DeepSeek-R1);
-    ``cocte``: the extracted SQL is a chain of CTEs (Reward-SQL); ``think_answer+cocte``: both.
+    ``think_answer``: Think2SQL's ``format_reward`` as released
+    (`format_ok_think2sql`: case-insensitive tags, an empty answer allowed;
+    source spapicchio/Think2SQL e099208 ``grpo/rewards/rewards_reasoning_content.py``);
+    ``think_answer_strict``: our `format_ok` (each tag once, non-empty answer);
+    ``cocte``: the extracted SQL is a chain of CTEs (Reward-SQL);
+    ``think_answer+cocte``: both ``think_answer`` and ``cocte``.
     """
     if shape not in FORMAT_SHAPES:
         raise ConfigError(f"reward parameter shape: must be one of {list(FORMAT_SHAPES)}, got {shape!r}")
     ok = True
     if shape in ("think_answer", "think_answer+cocte"):
+        ok = ok and format_ok_think2sql(ctx.completion, think_tag, answer_tag)
+    if shape == "think_answer_strict":
         ok = ok and format_ok(ctx.completion, think_tag, answer_tag)
     if shape in ("cocte", "think_answer+cocte"):
         ok = ok and cocte_format_ok(ctx.pred_sql)
@@ -137,13 +219,19 @@ def format(ctx: RewardContext, think_tag: str = "think", answer_tag: str = "answ
 
 
 def arctic(ctx: RewardContext, correct: float = 1.0, executes: float = 0.1, failed: float = 0.0,
-           match: str = "ex_bag") -> float:
+           match: str = "bird_ex") -> float:
     """Arctic-Text2SQL-R1 reward: 1 if correct, 0.1 if it only executes, 0 otherwise.
 
-    Source: Yao et al. 2025, Arctic-Text2SQL-R1 (simple rewards).
+    Correct is judged as Arctic evaluates: BIRD's set EX (``bird_ex``), as in
+    its released evaluator (snowflakedb/ArcticTraining 803ca29
+    ``projects/arctic_text2sql_r1/bird_eval/evaluate_bird.py``, ``compare_sql``:
+    ``set(predicted_res) == set(ground_truth_res)``). The reward is the paper's
+    (Yao et al. 2025, arXiv 2505.20315); its training code is not released.
     """
     if not ctx.pred.ok:
         return failed
+    if ctx.neutral:
+        return ctx.empty_value
     return correct if is_correct(ctx, match) else executes
 
 
@@ -168,7 +256,13 @@ class RewardConfig:
 
     ``reward = Σ_name weights[name] * REWARDS[name](ctx, **params[name])``.
     `think_tag` / `answer_tag` are passed to every reward that takes them
-    (unless its params set them) and to SQL extraction.
+    (unless its params set them) and to SQL extraction. `empty_result`:
+    what a prediction counts as when its result and the gold result are both
+    empty: ``correct`` (default, as every official evaluator scores it),
+    ``wrong`` (a wrong answer that runs), or ``neutral`` (every execution
+    reward gives `empty_value`; the format reward is unaffected).
+    `score_timeout_s`: deadline of host-side scoring for one `score_batch`
+    call; completions not scored by then count as failed queries.
     Example (YAML): ``{weights: {gated: 0.95, format: 0.05}}`` (Think2SQL mix).
     """
 
@@ -176,6 +270,9 @@ class RewardConfig:
     params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     think_tag: str = "think"
     answer_tag: str = "answer"
+    empty_result: str = "correct"
+    empty_value: float = 0.0
+    score_timeout_s: float = DEFAULT_SCORE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -196,9 +293,18 @@ class RewardConfig:
                 require(p["match"] in MATCHES, name, f"params.{reward}.match", f"must be one of {list(MATCHES)}")
             if "shape" in p:
                 require(p["shape"] in FORMAT_SHAPES, name, f"params.{reward}.shape", f"must be one of {list(FORMAT_SHAPES)}")
+            if "score" in p:
+                require(p["score"] in GATED_SCORES, name, f"params.{reward}.score",
+                        f"must be one of {list(GATED_SCORES)}")
         for tag in ("think_tag", "answer_tag"):
             value = getattr(self, tag)
             require(isinstance(value, str) and value.isidentifier(), name, tag, f"must be a tag name, got {value!r}")
+        require(self.empty_result in EMPTY_RESULT, name, "empty_result",
+                f"must be one of {list(EMPTY_RESULT)}, got {self.empty_result!r}")
+        require(isinstance(self.empty_value, (int, float)) and math.isfinite(self.empty_value), name,
+                "empty_value", f"must be a finite number, got {self.empty_value!r}")
+        require(isinstance(self.score_timeout_s, (int, float)) and 0 < self.score_timeout_s < math.inf, name,
+                "score_timeout_s", f"must be a positive finite number of seconds, got {self.score_timeout_s!r}")
         object.__setattr__(self, "weights", types.MappingProxyType({k: float(v) for k, v in self.weights.items()}))
         object.__setattr__(self, "params", types.MappingProxyType(
             {k: types.MappingProxyType(dict(v)) for k, v in self.params.items()}))
@@ -233,12 +339,12 @@ class ScoreBatch:
     Attributes:
       rewards: float32 ``[N]``, the weighted sum per completion.
       components: reward name -> float32 ``[N]``, unweighted.
-      metrics: one dict per completion (id, pred_sql, executed, error, correct,
-        ex_set, ex_bag, ex_ordered, cell_precision, cell_recall,
-        tuple_cardinality, denotation_exact, denotation_relaxed, format_ok).
+      metrics: one dict per completion: id, pred_sql, executed, error, correct,
+        format_ok, scoring_timeout, and the metrics of `ITEM_METRICS`.
       summary: batch means: ``reward_mean``, ``ex`` (fraction correct),
-        ``ex_set``/``ex_bag`` (over items with a gold result), ``executed``,
-        ``error_rate``, ``errors/<kind>``, ``reward/<name>``.
+        ``ex_set``/``ex_bag``/``bird_ex``/``denotation_exact`` (over items that
+        have them), ``executed``, ``error_rate``, ``errors/<kind>``,
+        ``reward/<name>``, ``scoring/timeouts`` (fraction past the deadline).
     """
 
     rewards: np.ndarray
@@ -247,15 +353,22 @@ class ScoreBatch:
     summary: dict[str, float]
 
 
-_ITEM_KEYS = ("ex_set", "ex_bag", "ex_ordered", "cell_precision", "cell_recall", "tuple_cardinality",
-              "denotation_exact", "denotation_relaxed")
+#: Metrics reported per completion by `score_batch`.
+ITEM_METRICS = ("ex_set", "ex_bag", "ex_bag_rowfree", "ex_ordered", "bird_ex", "think2sql_ex", "cell_precision",
+                "cell_recall", "tuple_cardinality", "cp_cr_tc", "denotation_exact", "denotation_relaxed",
+                "wikitq_accuracy")
+_SCORING_TIMEOUT = ExecResult.failure("timeout", "host-side scoring passed its deadline")
 
 
 def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[ExampleLike],
-                config: RewardConfig) -> ScoreBatch:
+                config: RewardConfig, *, timeout_s: float | None = None) -> ScoreBatch:
     """Score completions[i] against examples[i] (repeat each example G times for GRPO groups).
 
-    All predicted SQL runs in one pool batch together with the (cached) gold SQL.
+    All predicted SQL runs in one pool batch together with the (cached) gold
+    SQL. Host-side scoring (comparison and rewards) has a deadline of
+    `timeout_s` seconds (default ``config.score_timeout_s``) for the whole
+    batch: a completion not scored by then is scored as a failed query
+    (``error="timeout"``, ``scoring_timeout=True``).
     """
     if len(completions) != len(examples):
         raise JaxsqlError(f"score_batch: {len(completions)} completions but {len(examples)} examples")
@@ -267,30 +380,45 @@ def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[Ex
     golds: list[ExecResult | None] = [None] * len(examples)
     for i, g in zip(gold_idx, golds_list):
         golds[i] = g
+    deadline = Deadline(config.score_timeout_s if timeout_s is None else timeout_s)
     n = len(completions)
     components = {name: np.zeros(n, np.float32) for name in config.weights}
     rewards = np.zeros(n, np.float32)
     metrics = []
-    match = config.params.get("execution", {}).get("match", "ex_bag")
+    match = config.params.get("execution", {}).get("match", "ex_bag_rowfree")
     for i, ex in enumerate(examples):
         answers = tuple(ex.gold_answers) if ex.gold_answers is not None else None
-        ctx = RewardContext(completions[i], sqls[i], preds[i], golds[i], ex.gold_sql, answers)
-        total, parts = combined_reward(ctx, config)
+        timed_out = False
+
+        def context(pred: ExecResult, limit: Deadline) -> RewardContext:
+            return RewardContext(completions[i], sqls[i], pred, golds[i], ex.gold_sql, answers,
+                                 config.empty_result, config.empty_value, limit)
+
+        try:
+            deadline.check()
+            ctx = context(preds[i], deadline)
+            total, parts = combined_reward(ctx, config)
+            c = ctx.comparison
+        except ScoringTimeout:
+            timed_out = True
+            ctx = context(_SCORING_TIMEOUT, NEVER)  # a failed prediction is scored in O(1) (plus its text)
+            total, parts = combined_reward(ctx, config)
+            c = ctx.comparison
         rewards[i] = total
         for name, v in parts.items():
             components[name][i] = v
-        c = ctx.comparison
-        item = {"id": ex.id, "pred_sql": sqls[i], "executed": preds[i].ok, "error": preds[i].error,
-                "correct": is_correct(ctx, match),
+        item = {"id": ex.id, "pred_sql": sqls[i], "executed": ctx.pred.ok, "error": ctx.pred.error,
+                "correct": is_correct(ctx, match), "scoring_timeout": timed_out,
                 "format_ok": format_ok(completions[i], config.think_tag, config.answer_tag)}
-        item.update({k: c[k] for k in _ITEM_KEYS})
+        item.update({k: c[k] for k in ITEM_METRICS})
         metrics.append(item)
     summary: dict[str, float] = {"reward_mean": float(rewards.mean()) if n else 0.0}
     if n:
         summary["ex"] = float(np.mean([m["correct"] for m in metrics]))
         summary["executed"] = float(np.mean([m["executed"] for m in metrics]))
         summary["error_rate"] = 1.0 - summary["executed"]
-        for key in ("ex_set", "ex_bag", "denotation_exact"):
+        summary["scoring/timeouts"] = float(np.mean([m["scoring_timeout"] for m in metrics]))
+        for key in ("ex_set", "ex_bag", "bird_ex", "denotation_exact"):
             vals = [m[key] for m in metrics if m[key] is not None]
             if vals:
                 summary[key] = float(np.mean(vals))

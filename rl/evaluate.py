@@ -1,35 +1,35 @@
-"""Greedy evaluation of a policy on a split: EX (set), refined EX (bag), error rate, QATCH.
+"""Evaluate a policy: generate SQL for every example, pick one per example, score it.
 
-`evaluate(params, cfg, tokenizer, examples, pool)` renders each example's
-prompt (schema serialised from its database), decodes greedily with
-`models.sampler.generate`, executes the extracted SQL through the host
-`SqlPool` and compares it with the gold SQL's result (`jaxsql.rewards.score_batch`).
+`evaluate(params, cfg, tokenizer, examples, pool, ...)` renders each
+example's prompt (schema serialised from its database), generates with
+`models.sampler.generate` (sharded over the mesh the parameters live on),
+picks one prediction per example with a selection strategy (`SELECTORS`:
+``greedy``; ``vote``: self-consistency over N samples), and scores it with
+`jaxsql.scoring.score_predictions`, the path ``jaxsql eval --predictions``
+uses too. The demo and ``jaxsql eval --model`` both call `evaluate`.
 
-Metrics (means over the examples, in [0, 1]):
-
-- ``ex_set``: execution accuracy with set semantics (BIRD, Li et al. 2023):
-  ``set(rows(pred)) == set(rows(gold))``;
-- ``ex_bag``: Think2SQL's refined EX (Papicchio et al. 2025): the multisets of
-  rows are equal, each row's values compared order-free;
-- ``error_rate``: fraction of predictions that do not execute (any error kind);
-- ``cell_precision`` / ``cell_recall`` / ``tuple_cardinality`` and ``qatch``
-  (their mean): QATCH (Papicchio et al. 2023) averaged over the examples;
-- ``denotation_exact``: the prediction's cells match the gold answers
-  (the weak-supervision criterion) when the examples carry answers.
-
-Gold SQL is used here, for measurement only; a training reward never sees it
-in the weak-supervision setting.
+The result's summary has every metric of `jaxsql.compare.METRICS` (see
+`jaxsql.scoring` for how means are taken), ``error_rate`` and ``qatch``;
+rows carry the completion and its score. Gold SQL is used here for
+measurement only; a weak-supervision reward never sees it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from data.records import Example
-from rl.rollout import decode_completions
+from jaxsql.errors import JaxsqlError
+from jaxsql.extract import extract_sql
+from jaxsql.scoring import (  # noqa: F401 - re-exported: the demo and its tests import them from here
+    EvalResult, Prediction, ResultsLog, ScoringOptions, ScoringRun, breakdown, result_of, score_predictions,
+    summarise,
+)
+from jaxsql.sql.result import ExecResult
 
 SchemaFn = Callable[[str], str]
 
@@ -67,66 +67,159 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Any, schema: SchemaFn
     return out
 
 
+# ---------------------------------------------------------------------------
+# selection strategies
 @dataclasses.dataclass(frozen=True)
-class EvalResult:
-    """Summary metrics (see the module docstring) and one row per example."""
+class Candidate:
+    """One sampled completion of an example: its text, SQL, mean token log-prob and, if run, its result."""
 
-    summary: dict[str, float]
-    rows: tuple[dict[str, Any], ...]
-
-
-def summarise(metrics: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Means of the per-example metrics of `score_batch` (None values count as 0)."""
-    n = len(metrics)
-    if n == 0:
-        return {"n": 0.0}
-
-    def mean(key: str) -> float:
-        return float(np.mean([float(m.get(key) or 0.0) for m in metrics]))
-
-    out = {"n": float(n), "ex_set": mean("ex_set"), "ex_bag": mean("ex_bag"),
-           "error_rate": 1.0 - mean("executed"), "cell_precision": mean("cell_precision"),
-           "cell_recall": mean("cell_recall"), "tuple_cardinality": mean("tuple_cardinality")}
-    out["qatch"] = (out["cell_precision"] + out["cell_recall"] + out["tuple_cardinality"]) / 3.0
-    if any(m.get("denotation_exact") is not None for m in metrics):
-        out["denotation_exact"] = mean("denotation_exact")
-    return out
+    completion: str
+    sql: str
+    logprob: float
+    result: ExecResult | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionStrategy:
+    """How one prediction is chosen among sampled candidates.
+
+    ``greedy``: argmax decoding, one candidate. ``needs_results``: candidates
+    are executed before `choose` is called. ``choose(candidates) -> index``.
+    The PRM strategies (best-of-N, step beam) plug in here with their own
+    `choose` (and device-side scoring) in a later issue.
+    """
+
+    name: str
+    greedy: bool
+    needs_results: bool
+    choose: Callable[[Sequence[Candidate]], int]
+    description: str
+
+
+def _result_key(r: ExecResult) -> Any:
+    from jaxsql.compare import normalize_value
+
+    rows = collections.Counter(tuple(normalize_value(v) for v in row) for row in r.rows)
+    return frozenset(rows.items())
+
+
+def choose_by_vote(candidates: Sequence[Candidate]) -> int:
+    """Self-consistency: the result most executed candidates agree on; ties by the best mean log-prob.
+
+    Results agree when their bags of rows are equal after value normalisation
+    (``ex_bag``). Returns that group's candidate with the highest mean
+    log-prob; when nothing executes, the candidate with the highest mean log-prob.
+    """
+    groups: dict[Any, list[int]] = collections.defaultdict(list)
+    for i, c in enumerate(candidates):
+        if c.result is not None and c.result.ok:
+            groups[_result_key(c.result)].append(i)
+    if not groups:
+        return max(range(len(candidates)), key=lambda i: (candidates[i].logprob, -i))
+    best = max(groups.values(), key=lambda g: (len(g), max(candidates[i].logprob for i in g), -min(g)))
+    return max(best, key=lambda i: (candidates[i].logprob, -i))
+
+
+SELECTORS: dict[str, SelectionStrategy] = {
+    "greedy": SelectionStrategy("greedy", greedy=True, needs_results=False, choose=lambda cands: 0,
+                                description="argmax decoding"),
+    "vote": SelectionStrategy("vote", greedy=False, needs_results=True, choose=choose_by_vote,
+                              description="self-consistency: sample N, execute, majority result, ties by "
+                                          "mean log-prob"),
+}
+
+
+def get_selector(name: str) -> SelectionStrategy:
+    """The registered `SelectionStrategy` called `name` (one clear error otherwise)."""
+    try:
+        return SELECTORS[name]
+    except KeyError:
+        raise JaxsqlError(f"unknown selection strategy {name!r}; expected one of {sorted(SELECTORS)}") from None
+
+
+# ---------------------------------------------------------------------------
+# the model side
 def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example], pool: Any, *,
              prompt_format: str = "plain", schema: SchemaFn | None = None, max_new_tokens: int = 64,
              batch_size: int = 64, max_prompt_len: int | None = None,
-             buckets: Sequence[int] | None = None) -> EvalResult:
-    """Greedy-decode every example and score it against its gold SQL result.
+             buckets: Sequence[int] | None = None, select: str = "greedy", num_samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             scoring: ScoringOptions = ScoringOptions(), log: ResultsLog | None = None,
+             progress: bool = False) -> EvalResult:
+    """Generate a prediction for every example, score it, and summarise.
 
     Args:
-      params, cfg: the policy (`models.model` pytree and its `ModelConfig`).
+      params, cfg: the policy (`models.model` pytree and its `ModelConfig`); on
+        a mesh with data-parallel axes `generate` splits the prompts over it.
       tokenizer: a `transformers` tokenizer (its chat template is used if it has one).
-      examples: the split; each needs ``gold_sql`` (EX / QATCH) and may carry answers.
+      examples: the split; gold SQL and/or gold answers.
       pool: a `jaxsql.sql.SqlPool`.
-      prompt_format: ``plain``, ``think`` or ``cocte`` (SQL extracted by its rule).
+      prompt_format: ``plain``, ``think`` or ``cocte`` (SQL extracted by `extract_sql`).
       schema: ``db_path -> schema text``; default compact schemas without samples.
       max_new_tokens: completion cap.
-      batch_size: prompts per `generate` call (the last batch is padded so
-        every call has the same shape and compiles once).
+      batch_size: prompts per `generate` call; examples are chunked in input
+        order and the last chunk is padded, so every call has one shape and a
+        resumed run sees the same chunks (and samples) as an uninterrupted one.
+      select: a `SELECTORS` name; `num_samples`, `temperature`, `top_p`, `seed`
+        are its sampling settings (``greedy`` takes one argmax sample).
+      scoring: `ScoringOptions`.
+      log: a `ResultsLog`: examples already in it are not generated again, new
+        rows are appended as each chunk finishes.
+      progress: show a progress bar (stderr).
     """
     import jax
 
-    from jaxsql.rewards import RewardConfig, score_batch
     from models.sampler import DEFAULT_BUCKETS, generate
+    from rl.rollout import decode_completions
 
+    strategy = get_selector(select)
+    if strategy.greedy and num_samples != 1:
+        raise JaxsqlError(f"selection {select!r} takes one sample; got num_samples={num_samples}")
+    if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise JaxsqlError("evaluate: num_samples, batch_size and max_new_tokens must be >= 1")
     schema = schema or schema_cache()
-    reward_cfg = RewardConfig(weights={"execution": 1.0})
-    prompts = encode_prompts(examples, tokenizer, schema, prompt_format, max_prompt_len)
-    stop_ids = tuple(cfg.eos_token_ids)
-    completions: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        out = generate(params, cfg, padded, key=jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
-                       greedy=True, stop_ids=stop_ids, buckets=buckets or DEFAULT_BUCKETS)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
-        completions.extend(decode_completions(tokenizer, tokens, lengths, stop_ids)[: len(chunk)])
-    scored = score_batch(pool, completions, examples, reward_cfg)
-    rows = tuple(dict(m, completion=c) for m, c in zip(scored.metrics, completions))
-    return EvalResult(summary=summarise(scored.metrics), rows=rows)
+    stop = {int(s) for s in cfg.eos_token_ids}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        stop.add(int(tokenizer.eos_token_id))
+    stop_ids = tuple(sorted(stop))
+    chunks = [list(range(s, min(s + batch_size, len(examples)))) for s in range(0, len(examples), batch_size)]
+    with ScoringRun(examples, log, progress) as run:
+        for k, idx in enumerate(chunks):
+            keep = [j for j, i in enumerate(idx) if not run.is_done(examples[i])]
+            if not keep:
+                continue
+            chunk = [examples[i] for i in idx]
+            prompts = encode_prompts(chunk, tokenizer, schema, prompt_format, max_prompt_len)
+            padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), k)
+            out = generate(params, cfg, padded, key=key, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                           greedy=strategy.greedy, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                           buckets=buckets or DEFAULT_BUCKETS)
+            tokens, logprobs, lengths = jax.device_get((out.tokens, out.logprobs, out.lengths))
+            texts = decode_completions(tokenizer, tokens, lengths, stop_ids)
+            mean_lp = [float(np.sum(logprobs[r, : max(int(lengths[r]), 1)]) / max(int(lengths[r]), 1))
+                       for r in range(len(texts))]
+            preds = _select(strategy, pool, chunk, texts, mean_lp, num_samples)
+            run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
+        return run.result()
+
+
+def _select(strategy: SelectionStrategy, pool: Any, chunk: Sequence[Example], texts: Sequence[str],
+            mean_lp: Sequence[float], n: int) -> list[Prediction]:
+    """One `Prediction` per example of the chunk from its `n` sampled completions."""
+    cands = [[Candidate(texts[e * n + g], extract_sql(texts[e * n + g]), mean_lp[e * n + g]) for g in range(n)]
+             for e in range(len(chunk))]
+    if strategy.needs_results:
+        jobs = [(ex.db_path, c.sql) for ex, cs in zip(chunk, cands) for c in cs]
+        results = iter(pool.execute_batch(jobs))
+        cands = [[dataclasses.replace(c, result=next(results)) for c in cs] for cs in cands]
+    out = []
+    for cs in cands:
+        i = strategy.choose(cs)
+        extra: dict[str, Any] = {}
+        if n > 1:
+            keys = [_result_key(c.result) if c.result is not None and c.result.ok else None for c in cs]
+            extra = {"selected": i, "samples": n,
+                     "votes": sum(1 for k in keys if k is not None and k == keys[i])}
+        out.append(Prediction(sql=cs[i].sql, completion=cs[i].completion, extra=extra))
+    return out

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "jaxsql.cli.train_cmds",
     "jaxsql.cli.prm_cmds",
     "jaxsql.cli.demo_cmd",
+    "jaxsql.cli.eval_cmds",
 )
 
 

@@ -76,7 +76,7 @@ def _compare(args: argparse.Namespace) -> int:
     out = {
         "pred": pred.to_json(),
         "gold": gold.to_json() if gold is not None else None,
-        "metrics": compare_all(pred, gold, answers, args.gold),
+        "metrics": compare_all(pred, gold, answers, args.gold, pred_sql),
         "rewards": {name: fn(ctx, **defaults.kwargs(name)) for name, fn in REWARDS.items()},
     }
     print(json.dumps(out, ensure_ascii=False))

@@ -21,8 +21,9 @@ def res(*rows):
 
 FAILED = ExecResult.failure("syntax", "near x")
 GOLD = res((1, "a"), (2, "b"))
-DUP = res((1, "a"), (2, "b"), (2, "b"))  # ex_set right, ex_bag wrong; qatch = (1 + 1 + 2/3) / 3
-FAR = res((9, "z"))  # nothing shared with a 20-row gold: qatch = (0 + 0 + 1/20) / 3
+DUP = res((1, "a"), (2, "b"), (2, "b"))  # ex_set right, ex_bag wrong; cp_cr_tc = round((1 + 1 + 0.667) / 3, 3)
+FAR = res((9, "z"))  # nothing shared with a 20-row gold: cp_cr_tc = round((0 + 0 + 0.05) / 3, 3) = 0.017
+Q_DUP, Q_FAR = 0.889, 0.017  # Think2SQL's released QATCH score rounds every part and the mean to 3 decimals
 GOLD20 = res(*[(100 + i, "g") for i in range(20)])
 
 
@@ -56,8 +57,8 @@ def test_execution_reward():
 def test_qatch_reward():
     f = REWARDS["qatch"]
     assert f(ctx(GOLD)) == 1.0
-    assert f(ctx(DUP)) == pytest.approx(8 / 9)
-    assert f(ctx(FAR, gold=GOLD20)) == pytest.approx(1 / 60)
+    assert f(ctx(DUP)) == Q_DUP
+    assert f(ctx(FAR, gold=GOLD20)) == Q_FAR
     assert f(ctx(FAILED)) == 0.0
     assert f(ctx(GOLD, gold=FAILED)) == 0.0
     assert f(ctx(res(("Paris",)), gold=None, gold_sql=None, answers=("Paris", "Rome"))) == 0.5
@@ -69,13 +70,13 @@ def test_gated_reward():
     assert f(ctx(GOLD, gold=FAILED)) == 0.0
     assert f(ctx(GOLD)) == 1.0
     assert f(ctx(GOLD, completion=BAD_FORMAT)) == 1.0  # exact wins regardless of format
-    assert f(ctx(DUP)) == pytest.approx(8 / 9)
+    assert f(ctx(DUP)) == Q_DUP
     assert f(ctx(DUP, completion=BAD_FORMAT)) == 0.0
-    assert f(ctx(FAR, gold=GOLD20)) == pytest.approx(0.1)  # max(1/60, 0.1)
+    assert f(ctx(FAR, gold=GOLD20)) == pytest.approx(0.1)  # max(0.017, 0.1)
     assert f(ctx(FAR, gold=GOLD20), floor=0.2) == pytest.approx(0.2)
-    assert f(ctx(DUP, completion=BAD_FORMAT), require_format=False) == pytest.approx(8 / 9)
+    assert f(ctx(DUP, completion=BAD_FORMAT), require_format=False) == Q_DUP
     custom = "<r>x</r><sql>SELECT 1</sql>"
-    assert f(ctx(DUP, completion=custom), think_tag="r", answer_tag="sql") == pytest.approx(8 / 9)
+    assert f(ctx(DUP, completion=custom), think_tag="r", answer_tag="sql") == Q_DUP
 
 
 def test_format_reward():
@@ -133,8 +134,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
 def test_combined_reward_think2sql_mix():
     cfg = RewardConfig(weights={"gated": 0.95, "format": 0.05})
     total, parts = combined_reward(ctx(DUP), cfg)
-    assert parts == {"gated": pytest.approx(8 / 9), "format": 1.0}
-    assert total == pytest.approx(0.95 * 8 / 9 + 0.05)
+    assert parts == {"gated": Q_DUP, "format": 1.0}
+    assert total == pytest.approx(0.95 * Q_DUP + 0.05)
 
 
 def test_score_batch_end_to_end(tiny_db):
@@ -152,7 +153,7 @@ def test_score_batch_end_to_end(tiny_db):
     with SqlPool(2) as pool:
         out = score_batch(pool, completions, [sql_ex, sql_ex, sql_ex, qa_ex], cfg)
         assert pool.stats()["gold_misses"] == 1 and pool.stats()["gold_hits"] == 2
-    q2 = (0.5 + 1.0 + 0.5) / 3
+    q2 = 0.667  # round((0.5 + 1.0 + 0.5) / 3, 3)
     np.testing.assert_allclose(out.components["execution"], [1, 0, -1, 1])
     np.testing.assert_allclose(out.components["qatch"], [1, q2, 0, 1], rtol=1e-6)
     np.testing.assert_allclose(out.rewards, [1.5, 0.5 * q2, -1, 1.5], rtol=1e-6)
@@ -173,3 +174,52 @@ def test_score_batch_length_mismatch(tiny_db):
     ex = Example(id="q", db_path=str(tiny_db), question="q", gold_sql="SELECT 1")
     with SqlPool(1) as pool, pytest.raises(JaxsqlError, match="2 completions but 1 examples"):
         score_batch(pool, ["a", "b"], [ex], RewardConfig())
+
+
+EMPTY = res()
+
+
+def test_gated_reward_as_released():
+    f = REWARDS["gated"]
+    # the gate opens at a QATCH score of exactly 1, not at EX: reordered columns score 1 here
+    assert f(ctx(res(("a", 1), ("b", 2)))) == 1.0
+    assert f(ctx(DUP), buckets=True) == 0.9 and f(ctx(FAR, gold=GOLD20), buckets=True) == 0.1
+    assert f(ctx(res((1, "a"), (7, "q"))), buckets=True) == 0.8  # cp_cr_tc 0.667 -> the 0.5..0.8 bucket
+    assert f(ctx(DUP), score="bird_ex") == 1.0 and f(ctx(FAR), score="bird_ex") == 0.1
+    released_format = "<THINK>plan</THINK>\n<answer></answer>"  # case-insensitive, empty answer allowed
+    assert f(ctx(DUP, completion=released_format)) == Q_DUP
+    with pytest.raises(ConfigError, match="score"):
+        RewardConfig(weights={"gated": 1.0}, params={"gated": {"score": "ex"}})
+
+
+def test_format_shapes():
+    f = REWARDS["format"]
+    loose = "<think>a</think><answer></answer>"
+    assert f(ctx(GOLD, completion=loose)) == 1.0  # Think2SQL's released check
+    assert f(ctx(GOLD, completion=loose), shape="think_answer_strict") == 0.0  # ours: non-empty answer
+
+
+def test_arctic_judges_with_bird_set_ex():
+    f = REWARDS["arctic"]
+    swapped = res(("a", 1), ("b", 2))
+    assert f(ctx(swapped)) == 0.1  # BIRD's set EX: column order matters
+    assert f(ctx(swapped), match="ex_bag_rowfree") == 1.0
+    assert f(ctx(DUP)) == 1.0  # ... and duplicates do not
+
+
+@pytest.mark.parametrize("guard,expected", [
+    ("correct", {"execution": 1.0, "qatch": 1.0, "gated": 1.0, "arctic": 1.0}),
+    ("wrong", {"execution": 0.0, "qatch": 0.0, "gated": 0.1, "arctic": 0.1}),
+    ("neutral", {"execution": 0.25, "qatch": 0.25, "gated": 0.25, "arctic": 0.25}),
+])
+def test_empty_result_guard(guard, expected):
+    cfg = RewardConfig(weights=dict.fromkeys(expected, 1.0), empty_result=guard, empty_value=0.25)
+    c = RewardContext(GOOD_FORMAT, "SELECT a FROM t WHERE 0", EMPTY, EMPTY, "SELECT a FROM t WHERE 0", None,
+                      cfg.empty_result, cfg.empty_value)
+    assert combined_reward(c, cfg)[1] == expected
+    assert is_correct(c) is (guard == "correct")
+    # a non-empty gold result is unaffected
+    d = RewardContext(GOOD_FORMAT, "x", GOLD, GOLD, "SELECT a FROM t", None, guard, 0.25)
+    assert combined_reward(d, cfg)[1] == dict.fromkeys(expected, 1.0)
+    with pytest.raises(ConfigError, match="empty_result"):
+        RewardConfig(empty_result="ignore")

@@ -1,0 +1,296 @@
+"""``jaxsql eval``: score a model (``--model``) or another system's predictions (``--predictions``).
+
+Both modes read ``--data SOURCE:PATH[:SPLIT]``, run every query in the
+sandbox's pool, compute every metric (`jaxsql.compare.METRICS`: the official
+ones by their benchmarks' names and our variants) and write into ``--out``:
+``metrics.json``, ``results.jsonl`` (one row per example, appended as they
+finish; a rerun with the same settings skips finished examples),
+``predictions.*`` in the source's own layout, and ``metrics.md`` (also
+printed). Bad input is refused with one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxsql.errors import JaxsqlError, UsageError
+
+#: The budget that decides whether a slow query times out in evaluation: SQLite VM instructions,
+#: the same on every machine at any load (about 5 s of SQLite work on an idle core).
+DEFAULT_EVAL_VM_STEPS = 500_000_000
+#: Wall-clock limit per query in evaluation: only a guard against a stuck machine, well above
+#: what the VM-step budget takes even on a busy one, so that it does not decide.
+DEFAULT_EVAL_TIMEOUT_S = 300.0
+SOURCES = ("bird", "spider", "geoquery", "text2sql", "wikitq", "temptabqa_c", "jsonl", "synthetic")
+PREDICTION_FORMATS = ("auto", "bird", "spider", "jsonl", "tsv")
+#: `rl.evaluate.SELECTORS` by name (kept here so that ``jaxsql --help`` does not import rl).
+SELECT_CHOICES = ("greedy", "vote")
+CONFIG_FILE = "eval_config.json"
+RESULTS_FILE = "results.jsonl"
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """Add ``jaxsql eval`` to `sub` (this room has no benchmark target)."""
+    p = sub.add_parser(
+        "eval", help="score a model or a predictions file with every metric (official and ours)",
+        description="Generate SQL with a model (--model) or read another system's predictions (--predictions), "
+                    "execute them in the sandbox and report every metric: the official ones (BIRD, Spider "
+                    "test suite, QATCH, Think2SQL, WikiTQ) by their names and our own variants. See docs/eval.md.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="HF checkpoint directory with its tokenizer")
+    what.add_argument("--predictions", help="predictions file: BIRD JSON, Spider one-SQL-per-line, JSONL "
+                                            "({id, sql} or {id, answer}), or WikiTQ TSV")
+    p.add_argument("--data", required=True, metavar="SOURCE:PATH[:SPLIT]",
+                   help=f"the examples, e.g. bird:/data/bird:dev; SOURCE is one of {', '.join(SOURCES)}")
+    p.add_argument("--out", default="./eval_out", help="output directory (default ./eval_out)")
+    p.add_argument("--format", choices=PREDICTION_FORMATS, default="auto",
+                   help="layout of --predictions (default: the source's own)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a predictions file with missing, extra or unparseable entries")
+    g = p.add_argument_group("generation (--model)")
+    g.add_argument("--select", choices=SELECT_CHOICES, default="greedy",
+                   help="greedy, or vote (self-consistency over --n samples)")
+    g.add_argument("--n", type=int, default=None, help="samples per example for --select vote (default 8)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for vote (default 1)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt-format", choices=["plain", "think", "cocte"], default="plain")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-prompt-len", type=int, default=None, help="keep the last N prompt tokens")
+    g.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default 64)")
+    g.add_argument("--schema-style", default="compact", help="schema serialisation (data.schema)")
+    g.add_argument("--sample-values", type=int, default=0, help="sample values per column in the schema")
+    g.add_argument("--devices", default="auto", help="devices to split generation over: auto or N")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    s = p.add_argument_group("scoring")
+    s.add_argument("--max-vm-steps", type=int, default=DEFAULT_EVAL_VM_STEPS, metavar="N",
+                   help=f"SQLite VM-instruction budget per query, reproducible at any load "
+                        f"(default {DEFAULT_EVAL_VM_STEPS:,}; 0: none)")
+    s.add_argument("--timeout", type=float, default=DEFAULT_EVAL_TIMEOUT_S, metavar="SECONDS",
+                   help=f"wall-clock limit per query, a guard against a stuck machine "
+                        f"(default {DEFAULT_EVAL_TIMEOUT_S:g})")
+    s.add_argument("--score-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="host-side scoring deadline per example (default 10)")
+    s.add_argument("--workers", type=int, default=None, help="SQL pool threads (default: CPU cores)")
+    s.add_argument("--keep-distinct", action="store_true", help="Spider test suite's --keep_distinct")
+    s.add_argument("--no-test-suite", action="store_true",
+                   help="Spider layout: check only the example's database, not every *.sqlite beside it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """``SOURCE:PATH[:SPLIT]``."""
+
+    source: str
+    path: str
+    split: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> "DataSpec":
+        source, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise UsageError(f"--data: expected SOURCE:PATH[:SPLIT], got {text!r}")
+        if source not in SOURCES:
+            raise UsageError(f"--data: unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+        path, split = rest, None
+        if ":" in rest:
+            path, split = rest.rsplit(":", 1)
+            split = split or None
+        return cls(source, path, split)
+
+
+def load_data(spec: DataSpec) -> list[Any]:
+    """The examples of `spec` (one clear error for a wrong path, layout or split)."""
+    if spec.source == "synthetic":
+        from data.synthetic import load_benchmark
+
+        split = spec.split or "dev"
+        if split not in ("train", "dev"):
+            raise JaxsqlError(f"synthetic: unknown split {split!r}; expected 'train' or 'dev'")
+        bench = load_benchmark(spec.path)
+        examples = list(bench.train if split == "train" else bench.dev)
+    else:
+        from data.readers import read_examples
+
+        if spec.source == "jsonl" and spec.split:
+            raise JaxsqlError(f"jsonl: a JSONL file is one split; drop ':{spec.split}' from --data")
+        examples = read_examples(spec.source, spec.path, split=spec.split)
+    if not examples:
+        raise JaxsqlError(f"{spec.source}:{spec.path}: no examples")
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise JaxsqlError(f"{spec.source}:{spec.path}: example ids are not unique")
+    return examples
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    import math
+
+    for name in ("timeout", "score_timeout"):
+        v = getattr(args, name)
+        if not (v > 0 and math.isfinite(v)):
+            raise UsageError(f"--{name.replace('_', '-')}: must be a positive number of seconds, got {v}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers: must be >= 1, got {args.workers}")
+    if args.max_vm_steps < 0:
+        raise UsageError(f"--max-vm-steps: must be >= 0 (0: no budget), got {args.max_vm_steps}")
+    if args.predictions is not None:
+        return
+    if args.select == "greedy" and args.n not in (None, 1):
+        raise UsageError("--n: greedy decoding takes one sample; use --select vote")
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n: must be >= 1, got {args.n}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.max_prompt_len is not None and args.max_prompt_len < 1:
+        raise UsageError("--max-prompt-len: must be >= 1")
+    if args.select != "greedy" and not args.temperature > 0:
+        raise UsageError(f"--temperature: must be > 0 for sampling, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p: must be in (0, 1], got {args.top_p}")
+
+
+def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
+    """What defines a run (a rerun with the same values resumes)."""
+    cfg: dict[str, Any] = {"data": dataclasses.asdict(spec), "timeout_s": args.timeout,
+                           "max_vm_steps": args.max_vm_steps or None,
+                           "keep_distinct": args.keep_distinct, "test_suite": _test_suite(args, spec)}
+    if args.predictions is not None:
+        cfg.update(predictions=str(Path(args.predictions).resolve()), format=args.format)
+    else:
+        cfg.update(model=str(Path(args.model).resolve()), select=args.select, n=_samples(args),
+                   temperature=args.temperature if args.select != "greedy" else None,
+                   top_p=args.top_p if args.select != "greedy" else None, seed=args.seed,
+                   prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
+                   max_prompt_len=args.max_prompt_len, batch_size=args.batch_size,
+                   schema_style=args.schema_style, sample_values=args.sample_values, dtype=args.dtype)
+    return cfg
+
+
+def _test_suite(args: argparse.Namespace, spec: DataSpec) -> bool:
+    """Spider's test suite: every database beside the example's (the Spider layout only)."""
+    return spec.source == "spider" and not args.no_test_suite
+
+
+def _samples(args: argparse.Namespace) -> int:
+    return 1 if args.select == "greedy" else (args.n or 8)
+
+
+def _prepare_out(out: Path, config: dict[str, Any]) -> None:
+    """Create `out`, or check that it holds a run with the same settings (to resume)."""
+    if out.exists() and not out.is_dir():
+        raise JaxsqlError(f"--out {out}: exists and is not a directory")
+    marker = out / CONFIG_FILE
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.is_file():
+            raise JaxsqlError(f"--out {out}: a non-empty directory that is not a jaxsql eval output; "
+                              f"choose another --out")
+        try:
+            previous = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            raise JaxsqlError(f"{marker}: unreadable; choose another --out") from None
+        changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+        if changed:
+            raise JaxsqlError(f"--out {out}: holds a run with different settings ({', '.join(changed)}); "
+                              f"choose another --out to keep both")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxsql.distributed import initialize_from_env, is_lead_process
+    from jaxsql.predictions import read_predictions, write_outputs
+    from jaxsql.scoring import ResultsLog, ScoringOptions, answer_canon_from_tagged, score_all
+
+    _check_args(args)
+    spec = DataSpec.parse(args.data)
+    model = None
+    if args.model is not None:
+        initialize_from_env()
+        model = _load_model(args)  # config and tokenizer before the data, the weights after it
+    examples = load_data(spec)
+    predictions = problems = None
+    if args.predictions is not None:
+        predictions, problems = read_predictions(args.predictions, spec.source, examples, args.format)
+        if any(p.answer is not None for p in predictions) and not any(e.gold_answers for e in examples):
+            raise JaxsqlError(f"--predictions {args.predictions}: answer values need examples with gold answers")
+        if problems.any():
+            if args.strict:
+                raise JaxsqlError(f"--predictions {args.predictions}: {problems.describe()}")
+            print(f"warning: --predictions {args.predictions}: {problems.describe()}", file=sys.stderr, flush=True)
+    else:
+        model = (*model, _load_weights(args, model[0]))
+    out = Path(args.out)
+    config = _run_config(args, spec)
+    lead = is_lead_process()
+    if lead:
+        _prepare_out(out, config)
+    canon = answer_canon_from_tagged(spec.path) if spec.source == "wikitq" else {}
+    scoring = ScoringOptions(keep_distinct=args.keep_distinct, test_suite=_test_suite(args, spec),
+                             timeout_s=args.score_timeout, answer_canon=canon)
+    log = ResultsLog(out / RESULTS_FILE) if (lead or (out / RESULTS_FILE).exists()) else None
+    with _pool(args) as pool:
+        if predictions is not None:
+            result = score_all(pool, examples, predictions, scoring, log, progress=not args.no_progress)
+        else:
+            result = _evaluate_model(args, model, examples, pool, scoring, log)
+        budgets = _budgets(pool)
+    if lead:
+        extra = {"wikitq_canonical_forms": "tagged files" if canon else "computed"} if spec.source == "wikitq" else {}
+        print(write_outputs(out, spec.source, spec.split, examples, result, config, budgets, problems, extra),
+              end="")
+    return 0
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from jaxsql.cli.model_cmds import load_tokenizer
+    from models.config import load_hf_config
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise JaxsqlError(f"--model {model_dir}: not a directory")
+    overrides = {"param_dtype": args.dtype} if args.dtype else {}
+    cfg = load_hf_config(model_dir, **overrides)
+    return cfg, load_tokenizer(model_dir, cfg.vocab_size)
+
+
+def _load_weights(args: argparse.Namespace, cfg: Any) -> Any:
+    from jaxsql.cli.model_cmds import sampling_mesh
+    from models.hf_io import load_hf_checkpoint
+
+    _, params = load_hf_checkpoint(args.model, param_dtype=args.dtype, mesh=sampling_mesh(args.model, args))
+    return params
+
+
+def _evaluate_model(args: argparse.Namespace, model: tuple[Any, Any, Any], examples: Sequence[Any], pool: Any,
+                    scoring: Any, log: Any) -> Any:
+    from rl.evaluate import evaluate, schema_cache
+
+    cfg, tok, params = model
+    return evaluate(params, cfg, tok, examples, pool, prompt_format=args.prompt_format,
+                    schema=schema_cache(args.schema_style, args.sample_values),
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    max_prompt_len=args.max_prompt_len, select=args.select, num_samples=_samples(args),
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, scoring=scoring, log=log,
+                    progress=not args.no_progress)
+
+
+def _pool(args: argparse.Namespace):
+    from jaxsql.sql import SqlPool
+
+    return SqlPool(args.workers, timeout_s=args.timeout, max_vm_steps=args.max_vm_steps or None)
+
+
+def _budgets(pool: Any) -> dict[str, Any]:
+    """The execution budgets every query ran under (both reported in metrics.json)."""
+    return {"timeout_s": pool.timeout_s, "max_vm_steps": pool.max_vm_steps, "max_rows": pool.max_rows,
+            "max_bytes": pool.max_bytes}
