@@ -107,7 +107,8 @@ RULES: tuple[TensorRule, ...] = (
     TensorRule(L + "mlp.up_proj.weight", ("layers", "w_up"), _t, _t),                 # [F, D] -> [D, F]
     TensorRule(L + "mlp.down_proj.weight", ("layers", "w_down"), _t, _t),             # [D, F] -> [F, D]
     TensorRule("model.norm.weight", ("final_norm",), _same, _same),                   # [D]
-    TensorRule("lm_head.weight", ("lm_head",), _t, _t, lambda c: not c.tie_word_embeddings, head="lm"),  # [V, D] -> [D, V]
+    TensorRule("lm_head.weight", ("lm_head",), _t, _t, lambda c: not c.tie_word_embeddings,
+               head="lm"),                                                          # [V, D] -> [D, V]
     TensorRule("score.weight", ("score", "kernel"), _t, _t, head="value"),          # [1, D] -> [D, 1]
     TensorRule("score.bias", ("score", "bias"), _same, _same, head="value"),        # [1]
 )

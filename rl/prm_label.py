@@ -10,11 +10,12 @@ Math-Shepherd, Wang et al. 2024, sec. 3.3):
   after the text up to the end of the step: **hard** = 1 when at least one
   continuation reaches a correct result, **soft** = the fraction that do.
 
-Correct means `jaxsql.rewards.is_correct`: the same multiset of rows as the
-gold SQL (``ex_bag``) when the example has gold SQL, else the gold answers'
-denotation. Continuations of every step of a batch of examples run in one
-sampler call per chunk (`models.sampler.generate`, unchanged) and are
-scored in one pool call. The sampler is injected (`SampleFn`) so that
+Correct means `jaxsql.rewards.is_correct`: by default the same multiset of
+rows as the gold SQL, each row's values order-free (``ex_bag_rowfree``),
+when the example has gold SQL, else the gold answers' denotation.
+Continuations of every step of a batch of examples run in one sampler call
+per chunk (`models.sampler.generate`, unchanged) and are scored in one pool
+call. The sampler is injected (`SampleFn`) so that
 labels can be checked on continuations known in advance.
 """
 
@@ -47,7 +48,7 @@ class LabelSettings:
       batch_size: examples per batch (the unit of resuming).
       seed: batch b samples with seed ``(seed, b)``.
       max_prompt_len: prompt tokens kept (the last ones).
-      match: comparison against gold SQL (``ex_bag``, ``ex_set``, ``ex_ordered``).
+      match: comparison against gold SQL (one of `jaxsql.rewards.MATCHES`).
       max_result_chars: characters of each rendered step result stored for the PRM.
     """
 
@@ -59,7 +60,7 @@ class LabelSettings:
     batch_size: int = 8
     seed: int = 0
     max_prompt_len: int = 512
-    match: str = "ex_bag"
+    match: str = "ex_bag_rowfree"
     max_result_chars: int = 500
 
     def __post_init__(self) -> None:
@@ -68,8 +69,9 @@ class LabelSettings:
                     f"must be an integer >= 1, got {getattr(self, f)!r}")
         require(self.temperature > 0, "LabelSettings", "temperature", f"must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, "LabelSettings", "top_p", f"must be in (0, 1], got {self.top_p}")
-        require(self.match in ("ex_bag", "ex_set", "ex_ordered"), "LabelSettings", "match",
-                f"must be ex_bag, ex_set or ex_ordered, got {self.match!r}")
+        from jaxsql.rewards import MATCHES
+
+        require(self.match in MATCHES, "LabelSettings", "match", f"must be one of {list(MATCHES)}, got {self.match!r}")
         require(self.max_result_chars >= 16, "LabelSettings", "max_result_chars", "must be >= 16")
 
 

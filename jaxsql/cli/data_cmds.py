@@ -46,12 +46,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="also write train.cocte.jsonl / dev.cocte.jsonl: gold SQL as chains of CTEs")
     p.set_defaults(func=_synth)
 
-    from jaxsql.cli.data_spec import SPEC_HELP
-
     p = dsub.add_parser("cocte", help="gold SQL -> chains of CTEs checked by execution (Reward-SQL SFT data, JSONL)")
-    p.add_argument("data", metavar="SOURCE:PATH", help=SPEC_HELP)
+    p.add_argument("data", metavar="SOURCE:PATH[:SPLIT]",
+                   help="examples as `jaxsql eval --data` reads them, e.g. geoquery:../shared/data/geoquery or "
+                        "synthetic:DIR:train")
     p.add_argument("--out", required=True, help="JSONL to write (read it back as jsonl:FILE, prompt format cocte)")
-    p.add_argument("--split", default=None, help="split to read (default: the reader's default)")
     p.add_argument("--multi-step-only", action="store_true",
                    help="drop queries with nothing to lift (kept as one step by default)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
@@ -137,7 +136,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _cocte(args: argparse.Namespace) -> int:
     from data.cocte import cocte_examples, convert_examples, write_jsonl
-    from jaxsql.cli.data_spec import load_data_spec
+    from jaxsql.cli.eval_cmds import DataSpec, load_data
     from jaxsql.sql import SqlPool
 
     if not args.timeout > 0:
@@ -145,7 +144,7 @@ def _cocte(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    examples = load_data_spec(args.data, args.split)
+    examples = load_data(DataSpec.parse(args.data))
     with SqlPool(timeout_s=args.timeout, max_rows=100_000) as pool:
         report = convert_examples(examples, pool)
     kept = cocte_examples(report, keep_single_step=not args.multi_step_only)

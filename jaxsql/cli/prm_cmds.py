@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-from jaxsql.cli.data_spec import SPEC_HELP
 from jaxsql.errors import JaxsqlError, UsageError
 
 
@@ -64,8 +63,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     """Examples, and how their prompts and queries are bounded."""
-    p.add_argument("--data", required=True, metavar="SOURCE:PATH", help=SPEC_HELP)
-    p.add_argument("--split", default=None, help="split to read (default: the reader's; synthetic: train)")
+    p.add_argument("--data", required=True, metavar="SOURCE:PATH[:SPLIT]",
+                   help="examples as `jaxsql eval --data` reads them, e.g. synthetic:DIR:train")
     p.add_argument("--max-prompt-len", type=int, default=512, help="prompt tokens kept (the last ones)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
     p.add_argument("--max-vm-steps", type=int, default=None, metavar="N",
@@ -112,7 +111,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from jaxsql.cli.data_spec import load_data_spec
+    from jaxsql.cli.eval_cmds import DataSpec, load_data
     from jaxsql.sql import SqlPool
     from rl.prm_label import LabelSettings, policy_sampler, run_labeling
     from rl.rollout import PromptEncoder
@@ -123,13 +122,13 @@ def _label(args: argparse.Namespace) -> int:
     settings = LabelSettings(k=args.k, trajectories=args.trajectories, temperature=args.temperature,
                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                              seed=args.seed, max_prompt_len=args.max_prompt_len)
-    examples = load_data_spec(args.data, args.split)[: args.limit]
+    examples = load_data(DataSpec.parse(args.data))[: args.limit]
     cfg, params, tok = _load_policy(args.policy)
     stop_ids, pad_id = special_ids(tok, cfg)
     encoder = PromptEncoder(tok, "cocte", args.max_prompt_len)
     sample = policy_sampler(params, cfg, tok, settings=settings, stop_ids=stop_ids, pad_id=pad_id)
-    meta = {"policy": str(Path(args.policy).resolve()), "data": args.data, "split": args.split,
-            "limit": args.limit, "max_vm_steps": args.max_vm_steps}
+    meta = {"policy": str(Path(args.policy).resolve()), "data": args.data, "limit": args.limit,
+            "max_vm_steps": args.max_vm_steps}
     with SqlPool(timeout_s=args.timeout, max_vm_steps=args.max_vm_steps) as pool:
         stats = run_labeling(examples, args.out, pool=pool, prompt_ids=encoder, sample=sample, settings=settings,
                              meta=meta, progress=not args.no_progress)
@@ -152,7 +151,7 @@ def read_completions(path: str | Path) -> list[tuple[str, str]]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from jaxsql.cli.data_spec import load_data_spec
+    from jaxsql.cli.eval_cmds import DataSpec, load_data
     from jaxsql.cocte import split_completion
     from jaxsql.sql import SqlPool
     from models.prm import check_matches_policy, load_prm
@@ -162,7 +161,7 @@ def _score(args: argparse.Namespace) -> int:
     for name in ("--tau", "--max-len", "--batch-size", "--timeout", "--max-prompt-len", "--max-vm-steps"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     pairs = read_completions(args.completions)
-    by_id = {e.id: e for e in load_data_spec(args.data, args.split)}
+    by_id = {e.id: e for e in load_data(DataSpec.parse(args.data))}
     unknown = sorted({i for i, _ in pairs if i not in by_id})
     if unknown:
         raise JaxsqlError(f"{args.completions}: ids not in {args.data}: {unknown[:5]}"

@@ -106,7 +106,8 @@ def test_chain_target_keeps_an_existing_chain():
                                    "b AS (SELECT name FROM a)\n\nSELECT * FROM b")
     assert chain_target("SELECT 1") is None
     commented = "-- plan\nWITH a AS (SELECT 1 -- one\n),\nb AS (SELECT * FROM a) SELECT * FROM b"
-    assert chain_target(commented) == "-- plan\nWITH a AS (SELECT 1 -- one\n),\n\nb AS (SELECT * FROM a)\n\nSELECT * FROM b"
+    assert chain_target(commented) == ("-- plan\nWITH a AS (SELECT 1 -- one\n),\n\n"
+                                       "b AS (SELECT * FROM a)\n\nSELECT * FROM b")
     e = Example(id="x", db_path="none.sqlite", question="q", gold_sql=chain)
     assert render_target(e, "cocte") == chain_target(chain)
 
@@ -128,7 +129,7 @@ def test_convert_examples_counts_reasons(shop_db, tmp_path):
 
 def test_cli_writes_sft_data_the_cocte_format_reads(small_bench, tmp_path, capsys):
     out = tmp_path / "cocte.jsonl"
-    assert main(["data", "cocte", f"synthetic:{small_bench.out_dir}", "--out", str(out)]) == 0
+    assert main(["data", "cocte", f"synthetic:{small_bench.out_dir}:train", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["written"] == 120 and report["by_reason"]["converted"] > 30
     assert report["with_subquery_or_join_share"] == 1.0
@@ -138,7 +139,7 @@ def test_cli_writes_sft_data_the_cocte_format_reads(small_bench, tmp_path, capsy
         target = render_target(e, "cocte")
         assert target == e.gold_sql  # already a chain: the prompt format keeps it as written
         assert collections.Counter(rows(e.db_path, target)) == collections.Counter(rows(e.db_path, gold[e.id].gold_sql))
-    assert main(["data", "cocte", f"synthetic:{small_bench.out_dir}", "--out", str(out)]) == 2
+    assert main(["data", "cocte", f"synthetic:{small_bench.out_dir}:train", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["data", "cocte", "synthetic", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "SOURCE:PATH" in capsys.readouterr().err

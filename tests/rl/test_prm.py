@@ -90,7 +90,8 @@ def test_encode_row_and_assemble_golden(byte_tokenizer):
     row = encode_row(byte_tokenizer, [1, 2, 3], segs, max_len=100)
     # byte tokens: "A<result>{}</result>" is 20 bytes, the tag " и" 3 bytes; " BC<result>x</result>" 21
     assert row.positions == (3 + 20 + 3 - 1, 3 + 20 + 3 + 21 + 3 - 1) and row.dropped == 0
-    assert len(row.tokens) == 50 and byte_tokenizer.decode(row.tokens[3:]) == "A<result>{}</result> и BC<result>x</result> и"
+    assert len(row.tokens) == 50
+    assert byte_tokenizer.decode(row.tokens[3:]) == "A<result>{}</result> и BC<result>x</result> и"
     cut = encode_row(byte_tokenizer, [1, 2, 3], segs, max_len=30)
     assert cut.positions == (25,) and cut.dropped == 1 and len(cut.tokens) == 26
     batch = assemble([row, cut], [[1.0, 0.5], [0.0, 1.0]], pad_id=0, length_multiple=16)
@@ -296,7 +297,7 @@ def test_step_mean_entropies_golden():
 
 def test_prm_cli_init_label_score(tiny_env, tmp_path, capsys):
     model = tiny_env["model"]
-    data = f"synthetic:{tiny_env['synthetic']}"
+    data = f"synthetic:{tiny_env['synthetic']}:train"
     assert main(["prm", "init", "--policy", model, "--out", str(tmp_path / "value"), "--head", "value"]) == 0
     assert json.loads(capsys.readouterr().out)["architecture"] == "Qwen2ForTokenClassification"
     labels = tmp_path / "labels.jsonl"
