@@ -5,7 +5,11 @@ warm-up call (compilation excluded) and, optionally, transformers'
 ``generate`` on the same weights with the same sampling settings and a
 fixed length (``min_new_tokens``), in the same process, so the ratio is
 taken under the same machine load; each side's figure is the median of
-`repeats` timed runs.
+`repeats` timed runs. It also times the prefill alone (``generate`` with one
+new token, which runs no decoding step) so that decoding's share is the
+difference, and reports model FLOPs, MFU and, for decoding, the fraction of
+the memory-bandwidth ceiling (`models.flops`), beside the peaks they are
+measured against.
 
 `bench_hf_memory` runs import and export of a checkpoint in fresh
 subprocesses and reports the peak RSS (``resource.getrusage``) above the
@@ -27,24 +31,29 @@ from typing import Any
 def bench_generate(model_dir: str | Path, *, batch: int = 32, prompt_len: int = 128, new_tokens: int = 64,
                    ignore_eos: bool = True, compare_hf: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, top_k: int = 0, greedy: bool = False, seed: int = 0,
-                   dtype: str | None = None, repeats: int = 3, mesh=None) -> dict[str, Any]:
-    """Generated tokens per second of jaxsql (and transformers with `compare_hf`).
+                   dtype: str | None = None, repeats: int = 3, mesh=None,
+                   attention: str | None = None) -> dict[str, Any]:
+    """Generated tokens per second of jaxsql (and transformers with `compare_hf`), with MFU.
 
     The parameters are replicated on `mesh` (default: one device), and
     `generate` splits the batch over its devices (data parallel; the CLI's
     ``--devices auto`` picks them with `models.sampler.sampling_devices`).
     Each side is timed `repeats` times after its warm-up; the medians give
-    the tokens/s and the ratio.
+    the tokens/s and the ratio. `attention` overrides the model's attention
+    implementation (`models.attention`; default: the config's, "auto").
     """
     import jax
     import numpy as np
 
+    from models.attention import resolve as resolve_attention
     from models.hf_io import load_hf_checkpoint
     from models.sampler import generate
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     cfg, params = load_hf_checkpoint(model_dir, param_dtype=dtype, mesh=mesh)
+    if attention is not None:
+        cfg = cfg.replace(attention=attention)
     rng = np.random.RandomState(seed)
     low = 3 if cfg.vocab_size > 3 else 0
     prompts = rng.randint(low, cfg.vocab_size, (batch, prompt_len)).tolist()
@@ -61,6 +70,8 @@ def bench_generate(model_dir: str | Path, *, batch: int = 32, prompt_len: int = 
         seconds.append(time.perf_counter() - t0)
         generated = int(np.asarray(out.lengths).sum())
     elapsed = float(np.median(seconds))
+    prefill_s = _median_seconds(lambda r: generate(params, cfg, prompts, key=jax.random.key(seed + 1 + r),
+                                                   **{**kwargs, "max_new_tokens": 1}), repeats)
     result: dict[str, Any] = {
         "model": str(model_dir), "architecture": cfg.architecture, "params": cfg.num_params(),
         "param_dtype": cfg.param_dtype, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -69,13 +80,61 @@ def bench_generate(model_dir: str | Path, *, batch: int = 32, prompt_len: int = 
         "jaxsql_first_call_s": round(compile_s, 3), "jaxsql_seconds": round(elapsed, 3),
         "jaxsql_seconds_all": [round(x, 3) for x in seconds],
         "jaxsql_generated_tokens": generated, "jaxsql_tokens_per_s": round(generated / elapsed, 1),
+        "attention": resolve_attention(cfg.attention, cfg.compute_dtype),
     }
+    result.update(generate_utilisation(cfg, batch, prompt_len, new_tokens, elapsed, prefill_s,
+                                       1 if mesh is None else mesh.size))
     if compare_hf:
         result.update(_bench_hf(model_dir, prompts, new_tokens=new_tokens, ignore_eos=ignore_eos,
                                 temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy, seed=seed,
                                 pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0, repeats=repeats))
         result["speedup_vs_hf"] = round(result["jaxsql_tokens_per_s"] / result["hf_tokens_per_s"], 2)
     return result
+
+
+def _median_seconds(call, repeats: int) -> float:
+    """Median wall time of `repeats` calls of ``call(r)`` after one untimed (compiling) call."""
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(call(-1))
+    seconds = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(r))
+        seconds.append(time.perf_counter() - t0)
+    return float(np.median(seconds))
+
+
+def generate_utilisation(cfg, batch: int, prompt_len: int, new_tokens: int, seconds: float, prefill_s: float,
+                         devices: int) -> dict[str, Any]:
+    """FLOPs, MFU and decoding's bandwidth fraction of a `generate` call (`models.flops`).
+
+    Prefill = the timed one-token call; decoding = the rest of the full call. Bandwidth: the
+    weights and the attended cache read by each decoding step, in the parameter and compute
+    dtypes, against the peak read bandwidth.
+    """
+    import numpy as np
+
+    from models import flops
+
+    f = flops.generate_flops(cfg, batch, 1, prompt_len, new_tokens)
+    peaks = flops.device_peaks(cfg.compute_dtype, devices)
+    decode_s = max(seconds - prefill_s, 0.0)
+    moved = flops.decode_bytes(cfg, batch, prompt_len, new_tokens, np.dtype(cfg.param_dtype).itemsize,
+                               np.dtype(cfg.compute_dtype).itemsize)
+    peak_f, peak_b = peaks["peak_flops_per_s"], peaks["peak_bytes_per_s"]
+    return {
+        "model_flops": {"per_token_weights": flops.per_token_weight_flops(cfg), **f},
+        "prefill_seconds": round(prefill_s, 3), "decode_seconds": round(decode_s, 3),
+        "achieved_flops_per_s": round(f["total"] / seconds),
+        "mfu": flops.utilisation(f["total"], seconds, peak_f),
+        "prefill_mfu": flops.utilisation(f["prefill"], prefill_s, peak_f),
+        "decode_mfu": flops.utilisation(f["decode"], decode_s, peak_f),
+        "decode_bytes": moved,
+        "decode_bandwidth_fraction": flops.utilisation(moved, decode_s, peak_b),
+        **{k: (round(v) if isinstance(v, float) else v) for k, v in peaks.items()},
+    }
 
 
 def _bench_hf(model_dir, prompts, *, new_tokens, ignore_eos, temperature, top_p, top_k, greedy, seed, pad_id,

@@ -29,6 +29,7 @@ ARCHITECTURES = {
 }
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,10 @@ class ModelConfig:
     the parameters, `compute_dtype` the dtype of matmul inputs (norms,
     softmax and logits are always float32). `remat` names the
     `jax.checkpoint` policy of the scanned layer: none | full | dots |
-    dots_no_batch.
+    dots_no_batch. `attention` picks the attention implementation (auto |
+    xla | cudnn | splash, see `models.attention`); it is how this process
+    runs the model, not part of the checkpoint, so `config.json` neither
+    carries nor sets it.
     """
 
     vocab_size: int
@@ -65,6 +69,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         name = "ModelConfig"
@@ -80,6 +85,8 @@ class ModelConfig:
         require(self.param_dtype in DTYPES, name, "param_dtype", f"must be one of {DTYPES}")
         require(self.compute_dtype in DTYPES, name, "compute_dtype", f"must be one of {DTYPES}")
         require(self.remat in REMAT_POLICIES, name, "remat", f"must be one of {REMAT_POLICIES}")
+        require(self.attention in ATTENTION_IMPLEMENTATIONS, name, "attention",
+                f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         require(self.rope_theta > 0, name, "rope_theta", "must be positive")
         if self.rope_scaling is not None:
             keys = {k for k, _ in self.rope_scaling}
@@ -262,11 +269,44 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=8, num_kv_heads=4, head_dim=64, tie_word_embeddings=True,
         bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
     ),
+    # The shapes of released models, from their config.json on the Hugging Face hub (values as
+    # published; dtypes left at this class's defaults, choose them per run). They size plans
+    # (`jaxsql plan`, docs/scale.md) and random checkpoints shaped like the real thing.
+    # huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/config.json
+    "qwen2.5-0.5b": ModelConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+        num_heads=14, num_kv_heads=2, head_dim=64, architecture="Qwen2ForCausalLM",
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,
+        max_position_embeddings=32768, bos_token_id=151643, eos_token_ids=(151645,),
+    ),
+    # huggingface.co/Qwen/Qwen3-4B/blob/main/config.json
+    "qwen3-4b": ModelConfig(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, architecture="Qwen3ForCausalLM",
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=False,
+        qk_norm=True, max_position_embeddings=40960, bos_token_id=151643, eos_token_ids=(151645,),
+    ),
+    # huggingface.co/Qwen/Qwen2.5-Coder-7B-Instruct/blob/main/config.json
+    "qwen2.5-coder-7b": ModelConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+        num_heads=28, num_kv_heads=4, head_dim=128, architecture="Qwen2ForCausalLM",
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=True,
+        max_position_embeddings=32768, bos_token_id=151643, eos_token_ids=(151645,),
+    ),
+    # huggingface.co/Qwen/Qwen2.5-14B-Instruct/blob/main/config.json
+    "qwen2.5-14b": ModelConfig(
+        vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48,
+        num_heads=40, num_kv_heads=8, head_dim=128, architecture="Qwen2ForCausalLM",
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=True,
+        max_position_embeddings=32768, bos_token_id=151643, eos_token_ids=(151645,),
+    ),
 }
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named random-model configuration ("tiny", "mid"), Qwen2 family by default."""
+    """A named configuration: the random-model presets "tiny" and "mid" (Qwen2 family by
+    default), or the shape of a released model ("qwen2.5-0.5b", "qwen3-4b",
+    "qwen2.5-coder-7b", "qwen2.5-14b")."""
     if name not in PRESETS:
         raise JaxsqlError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
     cfg = PRESETS[name]

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.attention import MaskParts, attend
 from models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -318,11 +319,13 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
     if cache is None:
         causal_TS = jnp.tril(jnp.ones((T, T), jnp.bool_))
         allowed_BTS = causal_TS[None] & mask_BT[:, None, :]
+        mask_parts = MaskParts(mask_BT, mask_BT, None)  # the same facts for the attention kernels
     else:
         S = cache.mask_BS.shape[1]
         key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, mask_BT, (0, cache.index))
         q_slot_T = cache.index + jnp.arange(T)
         allowed_BTS = (jnp.arange(S)[None, None, :] <= q_slot_T[None, :, None]) & key_mask_BS[:, None, :]
+        mask_parts = MaskParts(mask_BT, key_mask_BS, cache.index)
 
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -354,7 +357,8 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
         allowed = allowed_BTS
         if last:  # past the keys and values, only the last position matters
             q, x_BTD, allowed = q[:, -1:], x_BTD[:, -1:], allowed_BTS[:, -1:]
-        a = attention(q, keys.astype(cdt), values.astype(cdt), allowed)
+        a = attend(q, keys.astype(cdt), values.astype(cdt), allowed, mask_parts, cfg.attention, cfg.compute_dtype,
+                   reference=attention)  # models.attention: cfg.attention picks the implementation
         x_BTD = x_BTD + proj(a.reshape(*a.shape[:2], N * H), lp["wo"].reshape(N * H, -1))  # BTNH,NHD->BTD
         h = rms_norm(x_BTD, lp["mlp_norm"], cfg.rms_norm_eps)
         if "w_gate_up" in lp:

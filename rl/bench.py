@@ -76,6 +76,7 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
     import jax.numpy as jnp
 
     from jaxsql.sharding import make_mesh
+    from models import flops
     from models.hf_io import load_hf_checkpoint
     from models.sampler import generate
     from rl import algo
@@ -133,6 +134,13 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
         "jaxsql_s_per_step": mean["step_s"], "jaxsql_breakdown": mean,
         "jaxsql_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    # Model FLOPs and MFU per phase (models.flops); the reference log-probs run while the host
+    # computes rewards, so their time is the reward time plus the wait.
+    step_flops = flops.grpo_step_flops(cfg, prompts, generations, prompt_len, new_tokens, reference=bool(beta))
+    phase_s = {"generate": mean["generate_s"], "ref_logprobs": mean["reward_s"] + mean["ref_logprobs_wait_s"],
+               "update": mean["update_s"], "total": mean["step_s"]}
+    peaks = flops.device_peaks(cfg.compute_dtype)
+    result["jaxsql_utilisation"] = flops.phase_utilisation(step_flops, phase_s, peaks)
     if compare_trl:
         from rl.bench_trl import run_trl
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "jaxsql.cli.prm_cmds",
     "jaxsql.cli.demo_cmd",
     "jaxsql.cli.eval_cmds",
+    "jaxsql.cli.plan_cmds",
 )
 
 

@@ -48,10 +48,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     msub = m.add_subparsers(dest="model_command", metavar="ACTION")
     m.set_defaults(func=lambda args: _help(m))
     p = msub.add_parser("init", help="write a randomly initialised checkpoint of a preset (no torch needed)")
-    p.add_argument("--preset", required=True, help="tiny | mid")
+    p.add_argument("--preset", required=True,
+                   help="tiny | mid, or a released model's shape: qwen2.5-0.5b | qwen3-4b | qwen2.5-coder-7b | qwen2.5-14b")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", choices=["qwen2", "qwen3", "llama"], default="qwen2")
+    p.add_argument("--family", choices=["qwen2", "qwen3", "llama"], default=None,
+                   help="architecture family (default: the preset's; qwen2 for tiny and mid)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied")
     p.add_argument("--test-tokenizer", action="store_true",
@@ -74,6 +76,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the medians are reported")
     p.add_argument("--devices", default="auto", help=DEVICES_HELP)
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn", "splash"], default=None,
+                   help="attention implementation (default: the model config's, auto; see docs/model.md)")
     p.set_defaults(func=_bench_generate)
 
     p = bench.add_parser("hf-memory", help="peak RSS of HF import/export (subprocesses), JSON")
@@ -194,10 +198,13 @@ def _model_init(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.test_tokenizer:
             tok_dir = save_test_tokenizer(tmp)
-        overrides = {"architecture": FAMILIES[args.family], "param_dtype": args.dtype, "compute_dtype": args.dtype}
+        overrides = {"param_dtype": args.dtype, "compute_dtype": args.dtype}
+        if args.family is not None:
+            overrides["architecture"] = FAMILIES[args.family]
         save_random_checkpoint(args.out, args.preset, seed=args.seed, tokenizer_dir=tok_dir,
                                overwrite=args.overwrite, **overrides)
-    print(json.dumps({"out": str(args.out), "preset": args.preset, "family": args.family, "seed": args.seed}))
+    family = args.family or preset(args.preset).family
+    print(json.dumps({"out": str(args.out), "preset": args.preset, "family": family, "seed": args.seed}))
     return 0
 
 
@@ -210,7 +217,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, ignore_eos=args.ignore_eos,
                             compare_hf=args.compare_hf, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, greedy=args.greedy, seed=args.seed, dtype=args.dtype,
-                            repeats=args.repeats)
+                            repeats=args.repeats, attention=args.attention)
     print(json.dumps(result))
     return 0
 

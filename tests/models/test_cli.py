@@ -8,6 +8,8 @@ import torch
 import transformers
 
 from jaxsql.cli import main
+from models import flops
+from models.config import load_hf_config
 from models.testing import save_random_checkpoint, save_test_tokenizer
 
 
@@ -83,6 +85,15 @@ def test_bench_generate_compare_hf(tiny_dir, capsys):
     assert r["jaxsql_generated_tokens"] == r["hf_generated_tokens"] == 8
     assert r["speedup_vs_hf"] > 0 and r["jaxsql_tokens_per_s"] > 0
     assert len(r["jaxsql_seconds_all"]) == len(r["hf_seconds_all"]) == r["repeats"] == 3
+    # model FLOPs (models.flops) and utilisation against the probes of the same run
+    cfg = load_hf_config(tiny_dir)
+    assert r["model_flops"] == {"per_token_weights": flops.per_token_weight_flops(cfg),
+                                **flops.generate_flops(cfg, 2, 1, 8, 4)}
+    assert r["peak_flops_per_s"] > 0 and r["peak_bytes_per_s"] > 0 and r["attention"] == "xla"
+    assert r["mfu"] == round(r["model_flops"]["total"] / r["jaxsql_seconds"] / r["peak_flops_per_s"], 4)
+    assert 0 < r["prefill_seconds"] < r["jaxsql_seconds"] and r["decode_mfu"] > 0
+    assert r["decode_bytes"] == flops.decode_bytes(cfg, 2, 8, 4, 4, 4)
+    assert r["decode_bandwidth_fraction"] > 0
 
 
 def test_devices_option(tiny_dir, capsys):

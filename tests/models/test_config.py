@@ -71,3 +71,16 @@ def test_load_hf_config_missing_file(tmp_path):
         load_hf_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(_hf()))
     assert load_hf_config(tmp_path, param_dtype="bfloat16").param_dtype == "bfloat16"
+
+
+def test_released_model_presets():
+    """The shapes of released models (config.json values) give the parameter counts of their model
+    cards (rounded there: 0.49 B, 4.0 B, 7.61 B, 14.7 B)."""
+    published = {"qwen2.5-0.5b": 0.49e9, "qwen3-4b": 4.0e9, "qwen2.5-coder-7b": 7.61e9, "qwen2.5-14b": 14.7e9}
+    for name, count in published.items():
+        cfg = preset(name)
+        assert abs(cfg.num_params() - count) / count < 0.01, name
+        assert cfg.attention == "auto" and "attention" not in cfg.to_hf_dict()
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert preset("qwen3-4b").family == "qwen3" and preset("qwen3-4b").qk_norm
+    assert preset("qwen2.5-coder-7b").qkv_bias and not preset("qwen2.5-coder-7b").tie_word_embeddings

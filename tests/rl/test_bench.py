@@ -31,3 +31,24 @@ def test_prompts_have_exact_length_with_a_tokenizer(tmp_path):
     texts, ids, tok = bench_prompts(tok_dir, num=2, length=24)
     assert [len(row) for row in ids] == [24, 24]
     assert [tok(t, add_special_tokens=False)["input_ids"] for t in texts] == ids
+
+
+def test_bench_grpo_reports_model_flops_and_mfu(bare_checkpoint, capsys):
+    """The breakdown stays, and every phase gets model FLOPs (models.flops) and its MFU against
+    the matmul probe of the same run."""
+    import json
+
+    from models.config import load_hf_config
+    from models.flops import grpo_step_flops
+
+    assert main(["bench", "grpo", "--model", str(bare_checkpoint), "--steps", "1", "--warmup", "1", "--prompts", "2",
+                 "--generations", "2", "--prompt-len", "8", "--new-tokens", "4"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["jaxsql_breakdown"]) == {"generate_s", "reward_s", "ref_logprobs_wait_s", "update_s", "step_s"}
+    u = r["jaxsql_utilisation"]
+    expected = grpo_step_flops(load_hf_config(bare_checkpoint), 2, 2, 8, 4, reference=True)
+    assert u["model_flops"] == expected
+    assert u["peak_flops_per_s"] > 0 and "matmul" in u["peak_source"]
+    step_s = r["jaxsql_breakdown"]["step_s"]
+    assert u["mfu"]["total"] == round(expected["total"] / step_s / u["peak_flops_per_s"], 4)
+    assert set(u["mfu"]) == {"generate", "ref_logprobs", "update", "total"}
