@@ -7,7 +7,9 @@ Registry `PROMPT_FORMATS` (config string -> `PromptFormat`):
   ``<think>...</think>`` then the query in ``<answer>...</answer>``.
 * ``"cocte"`` (Reward-SQL): the query is a chain of common table
   expressions, ``WITH step1 AS (...), step2 AS (...) SELECT ...``, each CTE
-  one reasoning step that can be executed on its own; no tags.
+  one reasoning step that can be executed on its own; no tags. The SFT
+  target puts one step per blank-line block, the layout `jaxsql.cocte`
+  splits and the released Reward-SQL policy writes.
 
 What each format asks for is what `jaxsql.extract.extract_sql` reads back:
 the last ``<answer>`` block (think), else the whole text (plain, cocte).
@@ -82,45 +84,41 @@ def _same_result(db_path: str, a: str, b: str) -> bool:
 
 
 def to_cocte(sql: str) -> str:
-    """Rewrite a query as a chain of CTEs (Reward-SQL shape).
+    """Rewrite a query as a chain of CTEs (Reward-SQL shape), on one line, unchecked.
 
-    A single-table SELECT with a WHERE clause becomes two steps: the filtered
-    rows, then the projection/grouping/ordering over them::
-
-        WITH step1 AS (SELECT * FROM t WHERE w) SELECT cols FROM step1 ...
-
-    Anything else (joins, qualified columns, no WHERE) is one step:
-    ``WITH step1 AS (<sql>) SELECT * FROM step1``.
+    Subqueries, single-table filters and joins are lifted into steps by
+    `data.cocte.lift_to_chain`; a query with nothing to lift (or that sqlglot
+    cannot parse) is one step: ``WITH step1 AS (<sql>) SELECT * FROM step1``.
     """
-    import sqlglot
-    from sqlglot import exp
+    from data.cocte import lift_to_chain
+    from jaxsql.sql.normalize import whitespace_normalize
 
-    sql = " ".join(sql.split()).rstrip(";")
-    wrapped = f"WITH step1 AS ({sql}) SELECT * FROM step1"
+    sql = whitespace_normalize(sql)
     try:
-        tree = sqlglot.parse_one(sql, read="sqlite")
-    except Exception:  # noqa: BLE001 - unparseable gold: keep the safe form
-        return wrapped
-    if not isinstance(tree, exp.Select) or tree.args.get("with_") or tree.args.get("joins"):
-        return wrapped
-    from_, where = tree.args.get("from_"), tree.args.get("where")
-    if from_ is None or where is None or not isinstance(from_.this, exp.Table):
-        return wrapped
-    outer_cols = [c for e in tree.expressions for c in e.find_all(exp.Column)]
-    if any(c.table for c in outer_cols):
-        return wrapped
-    inner = exp.select("*").from_(from_.this.copy()).where(where.this.copy())
-    outer = tree.copy()
-    outer.set("where", None)
-    outer.set("from_", exp.From(this=exp.to_table("step1")))
-    return f"WITH step1 AS ({inner.sql(dialect='sqlite')}) {outer.sql(dialect='sqlite')}"
+        return whitespace_normalize(lift_to_chain(sql)[0])
+    except ValueError:
+        return f"WITH step1 AS ({sql}) SELECT * FROM step1"
 
 
 def _cocte_target(example: Example) -> str:
+    """Gold SQL that already is a chain keeps its steps (the output of ``jaxsql data cocte``);
+    other gold SQL is converted (`data.cocte.lift_to_chain`) and kept when it returns the
+    same rows in the same order on the example's database, else wrapped as one step.
+    Steps are laid out one per blank-line block, as the policy writes them."""
+    from data.cocte import chain_target, lift_to_chain
+    from jaxsql.cocte import format_chain
+
     sql = _gold(example)
-    chain = to_cocte(sql)
-    if chain.startswith("WITH step1 AS (SELECT * FROM") and not _same_result(example.db_path, sql, chain):
-        return f"WITH step1 AS ({sql}) SELECT * FROM step1"
+    chain = chain_target(example.gold_sql or "")
+    if chain is not None:
+        return chain
+    single = format_chain([f"step1 AS ({sql})"], "SELECT * FROM step1")
+    try:
+        chain, kinds = lift_to_chain(sql)
+    except ValueError:
+        return single
+    if kinds == ("whole",) or not _same_result(example.db_path, sql, chain):
+        return single
     return chain
 
 

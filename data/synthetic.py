@@ -22,7 +22,8 @@ Example ids are ``synthetic-<split>-<index>-<template id>``. Gold answers are
 the gold query's result cells flattened row by row, each
 rendered with `str()`. Same seed, same bytes: the databases are serialised
 from in-memory SQLite and the JSONL files store database paths relative to the
-output directory (see `data.readers.jsonl`).
+output directory (see `data.readers.jsonl`). `write_cocte_splits` adds the
+same examples with gold SQL as chains of CTEs (Reward-SQL cold-start data).
 """
 
 from __future__ import annotations
@@ -269,3 +270,20 @@ def load_benchmark(out_dir: str | Path) -> SyntheticBenchmark:
     dev = read_jsonl(out / "dev.jsonl")
     db_paths = {p.stem: str(p.resolve()) for p in sorted(out.glob("*.sqlite"))}
     return SyntheticBenchmark(train=train, dev=dev, db_paths=db_paths, out_dir=str(out.resolve()))
+
+
+def write_cocte_splits(bench: SyntheticBenchmark) -> dict[str, dict]:
+    """Write ``train.cocte.jsonl`` and ``dev.cocte.jsonl`` beside the benchmark: every example
+    with its gold SQL converted to a chain of CTEs (`data.cocte`, checked by execution;
+    queries with nothing to lift stay one step). Returns each split's conversion report."""
+    from data.cocte import cocte_examples, convert_examples, write_jsonl
+    from jaxsql.sql import SqlPool
+
+    out = Path(bench.out_dir)
+    reports = {}
+    with SqlPool() as pool:
+        for split, examples in (("train", bench.train), ("dev", bench.dev)):
+            report = convert_examples(examples, pool)
+            written = write_jsonl(cocte_examples(report), out / f"{split}.cocte.jsonl", relative_to=out)
+            reports[split] = {"written": written, **report.to_json()}
+    return reports

@@ -13,6 +13,11 @@ holds one tensor at a time (on several processes each tensor is gathered
 with `jaxsql.distributed.to_host` and only the lead process writes), and
 writes the index, ``config.json``, ``generation_config.json`` and the
 tokenizer files.
+
+Both take the output head (`models.params_map.HEADS`): ``"lm"`` reads and
+writes ``*ForCausalLM`` checkpoints (the default); ``"value"`` reads and
+writes the scalar head of a process reward model as ``*ForTokenClassification``
+with one label (`models.prm`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 from jaxsql.errors import JaxsqlError
 from models import params_map
 from models.config import ModelConfig, load_hf_config
-from models.model import Params, param_shapes, param_specs
+from models import prm
+from models.model import ParamSpec, Params
 from models.safetensors_io import SafetensorsReader, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,13 +69,19 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     return {name: single for name in SafetensorsReader(single).keys()}
 
 
-def _shardings(cfg: ModelConfig, mesh, rules) -> Params:
+def _shapes(specs: Params, cfg: ModelConfig) -> Params:
+    dt = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dt), specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def _shardings(specs: Params, cfg: ModelConfig, mesh, rules) -> Params:
     if mesh is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: dev, param_shapes(cfg))
-    from models.model import param_shardings
+        return jax.tree.map(lambda _: dev, _shapes(specs, cfg))
+    from jaxsql.sharding import tree_shardings
 
-    return param_shardings(cfg, mesh, rules)
+    axes = jax.tree.map(lambda s: s.axes, specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    return tree_shardings(axes, mesh, rules, _shapes(specs, cfg))
 
 
 def _drop_leading(sharding):
@@ -84,25 +96,28 @@ def _set_layer(stacked: jax.Array, layer_value: jax.Array, i: jax.Array) -> jax.
 
 
 def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dtype: str | None = None,
-                       compute_dtype: str | None = None) -> tuple[ModelConfig, Params]:
+                       compute_dtype: str | None = None, head: str = "lm") -> tuple[ModelConfig, Params]:
     """Read an HF checkpoint directory into (config, params placed on their shardings).
 
     `param_dtype` defaults to the checkpoint's dtype (config.json); the
-    compute dtype defaults to the parameter dtype. Missing, unexpected or
-    wrongly shaped tensors raise `JaxsqlError` naming them.
+    compute dtype defaults to the parameter dtype. `head` is the output head
+    the checkpoint must have (``"lm"``: a causal LM; ``"value"``: a PRM's
+    token-classification head). Missing, unexpected or wrongly shaped
+    tensors raise `JaxsqlError` naming them.
     """
     model_dir = Path(model_dir)
     overrides: dict[str, Any] = {}
     if param_dtype:
         overrides["param_dtype"] = param_dtype
-    cfg = load_hf_config(model_dir, **overrides)
+    cfg = load_hf_config(model_dir, **overrides) if head == "lm" else prm.load_head_config(model_dir, head, **overrides)
     cfg = cfg.replace(compute_dtype=compute_dtype or cfg.param_dtype)
     files = _tensor_files(model_dir)
-    wanted = params_map.hf_tensors(cfg)
+    wanted = params_map.hf_tensors(cfg, head)
 
     names = {n for n, _, _ in wanted}
     missing = [n for n, _, _ in wanted if n not in files]
-    unexpected = sorted(set(files) - names - ({params_map.TIED_EXTRA} if cfg.tie_word_embeddings else set()))
+    tied_extra = {params_map.TIED_EXTRA} if cfg.tie_word_embeddings and head == "lm" else set()
+    unexpected = sorted(set(files) - names - tied_extra)
     if missing or unexpected:
         raise JaxsqlError(f"{model_dir}: checkpoint does not match config.json: "
                           f"missing tensors {missing[:10]}{'...' if len(missing) > 10 else ''}, "
@@ -116,7 +131,7 @@ def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dt
             readers[path] = SafetensorsReader(path)
         return readers[path]
 
-    specs = param_specs(cfg)
+    specs = prm.prm_param_specs(cfg, head)
     bad = []
     for name, rule, layer in wanted:
         shape = params_map.get_leaf(specs, rule.path).shape[1 if rule.per_layer else 0:]
@@ -127,8 +142,8 @@ def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dt
         raise JaxsqlError(f"{model_dir}: wrongly shaped tensors: " + "; ".join(bad[:10]))
 
     dt = np.dtype(jnp.dtype(cfg.param_dtype))
-    shardings = _shardings(cfg, mesh, rules)
-    shapes = param_shapes(cfg)
+    shardings = _shardings(specs, cfg, mesh, rules)
+    shapes = _shapes(specs, cfg)
     leaves: dict[tuple[str, ...], jax.Array] = {}
     for name, rule, layer in wanted:
         value = np.ascontiguousarray(rule.to_ours(reader(name).read(name), cfg)).astype(dt, copy=False)
@@ -183,8 +198,10 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> list[str]:
 
 
 def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *, tokenizer_dir: str | Path | None = None,
-                       max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, dtype: str | None = None) -> Path:
-    """Write `params` as an HF checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+                       max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, dtype: str | None = None,
+                       head: str = "lm") -> Path:
+    """Write `params` as an HF checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads
+    (``AutoModelForTokenClassification`` for ``head="value"``, `models.prm`).
 
     Tensors are stored in `dtype` (default `cfg.param_dtype`, the dtype of
     the master weights), which ``config.json`` records as ``dtype`` and
@@ -217,7 +234,7 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
         raise JaxsqlError(failure or f"{out_dir}: HF export refused on the lead process (see its log)")
 
     plan = []
-    for name, rule, layer in params_map.hf_tensors(cfg):
+    for name, rule, layer in params_map.hf_tensors(cfg, head):
         leaf = params_map.get_leaf(params, rule.path)
         shape = leaf.shape[1:] if layer is not None else leaf.shape
         hf_shape = jax.eval_shape(lambda x: rule.to_hf(x, cfg), jax.ShapeDtypeStruct(shape, dt)).shape
@@ -262,7 +279,7 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
         try:
             (out_dir / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-            (out_dir / "config.json").write_text(json.dumps(export_cfg.to_hf_dict(), indent=2) + "\n")
+            (out_dir / "config.json").write_text(json.dumps(prm.head_config_dict(export_cfg, head), indent=2) + "\n")
             gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
                    "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0]}
             (out_dir / "generation_config.json").write_text(

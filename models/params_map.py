@@ -8,6 +8,12 @@ pass is a plain einsum ("BTD,DNH->BTNH").
 
 `hf_import` and `hf_export` read this table and nothing else, so a rule
 fixed here is fixed in both directions.
+
+A rule may belong to one output head (`HEADS`): ``"lm"`` is the causal-LM
+head (``lm_head`` of ``*ForCausalLM``), ``"value"`` the scalar head of a
+process reward model exported as ``*ForTokenClassification`` with one
+label (``score``: a linear layer with bias, see `models.prm`). The decoder's
+rules serve both heads.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class TensorRule:
     to_ours: Callable[[Array, ModelConfig], Array]
     to_hf: Callable[[Array, ModelConfig], Array]
     when: Callable[[ModelConfig], bool] = _always
+    head: str | None = None  # None: every head; else only checkpoints with this head
 
     @property
     def per_layer(self) -> bool:
@@ -100,21 +107,29 @@ RULES: tuple[TensorRule, ...] = (
     TensorRule(L + "mlp.up_proj.weight", ("layers", "w_up"), _t, _t),                 # [F, D] -> [D, F]
     TensorRule(L + "mlp.down_proj.weight", ("layers", "w_down"), _t, _t),             # [D, F] -> [F, D]
     TensorRule("model.norm.weight", ("final_norm",), _same, _same),                   # [D]
-    TensorRule("lm_head.weight", ("lm_head",), _t, _t, lambda c: not c.tie_word_embeddings),  # [V, D] -> [D, V]
+    TensorRule("lm_head.weight", ("lm_head",), _t, _t, lambda c: not c.tie_word_embeddings,
+               head="lm"),                                                          # [V, D] -> [D, V]
+    TensorRule("score.weight", ("score", "kernel"), _t, _t, head="value"),          # [1, D] -> [D, 1]
+    TensorRule("score.bias", ("score", "bias"), _same, _same, head="value"),        # [1]
 )
+HEADS = ("lm", "value")
 
 # Tied checkpoints sometimes still carry the (identical) output matrix.
 TIED_EXTRA = "lm_head.weight"
 
 
-def hf_tensors(cfg: ModelConfig) -> list[tuple[str, TensorRule, int | None]]:
-    """Every HF tensor of a checkpoint for `cfg`, in file order: (name, rule, layer index or None)."""
+def hf_tensors(cfg: ModelConfig, head: str = "lm") -> list[tuple[str, TensorRule, int | None]]:
+    """Every HF tensor of a checkpoint for `cfg` with output `head`, in file order:
+    (name, rule, layer index or None)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+    rules = [r for r in RULES if r.when(cfg) and r.head in (None, head)]
     out: list[tuple[str, TensorRule, int | None]] = []
-    layered = [r for r in RULES if r.per_layer and r.when(cfg)]
-    out += [(r.hf, r, None) for r in RULES if not r.per_layer and r.when(cfg) and r.path == ("embed",)]
+    layered = [r for r in rules if r.per_layer]
+    out += [(r.hf, r, None) for r in rules if not r.per_layer and r.path == ("embed",)]
     for i in range(cfg.num_layers):
         out += [(r.hf.format(i=i), r, i) for r in layered]
-    out += [(r.hf, r, None) for r in RULES if not r.per_layer and r.when(cfg) and r.path != ("embed",)]
+    out += [(r.hf, r, None) for r in rules if not r.per_layer and r.path != ("embed",)]
     return out
 
 

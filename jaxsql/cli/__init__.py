@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "jaxsql.cli.model_cmds",
     "jaxsql.cli.data_cmds",
     "jaxsql.cli.train_cmds",
+    "jaxsql.cli.prm_cmds",
     "jaxsql.cli.demo_cmd",
     "jaxsql.cli.eval_cmds",
     "jaxsql.cli.plan_cmds",

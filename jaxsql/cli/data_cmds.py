@@ -1,4 +1,4 @@
-"""``jaxsql data stats``, ``jaxsql data build`` and ``jaxsql data synth``."""
+"""``jaxsql data stats``, ``jaxsql data build``, ``jaxsql data synth`` and ``jaxsql data cocte``."""
 
 from __future__ import annotations
 
@@ -45,7 +45,20 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--n-dev", type=int, default=300)
     p.add_argument("--max-level", type=int, choices=(1, 2, 3), default=3,
                    help="difficulty: 1 one-table, 2 +grouping/ordering, 3 +joins/nesting")
+    p.add_argument("--cocte", action="store_true",
+                   help="also write train.cocte.jsonl / dev.cocte.jsonl: gold SQL as chains of CTEs")
     p.set_defaults(func=_synth)
+
+    p = dsub.add_parser("cocte", help="gold SQL -> chains of CTEs checked by execution (Reward-SQL SFT data, JSONL)")
+    p.add_argument("data", metavar="SOURCE:PATH[:SPLIT]",
+                   help="examples as `jaxsql eval --data` reads them, e.g. geoquery:../shared/data/geoquery or "
+                        "synthetic:DIR:train")
+    p.add_argument("--out", required=True, help="JSONL to write (read it back as jsonl:FILE, prompt format cocte)")
+    p.add_argument("--multi-step-only", action="store_true",
+                   help="drop queries with nothing to lift (kept as one step by default)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cocte)
 
 
 def _missing(parser: argparse.ArgumentParser) -> int:
@@ -114,7 +127,31 @@ def _synth(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     bench = generate_benchmark(args.out, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev,
                                max_level=args.max_level)
-    print(json.dumps({"out": bench.out_dir, "train": len(bench.train), "dev": len(bench.dev),
-                      "databases": len(bench.db_paths), "seconds": round(time.perf_counter() - start, 2)},
-                     indent=1))
+    out = {"out": bench.out_dir, "train": len(bench.train), "dev": len(bench.dev),
+           "databases": len(bench.db_paths)}
+    if args.cocte:
+        from data.synthetic import write_cocte_splits
+
+        out["cocte"] = write_cocte_splits(bench)
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _cocte(args: argparse.Namespace) -> int:
+    from data.cocte import cocte_examples, convert_examples, write_jsonl
+    from jaxsql.cli.eval_cmds import DataSpec, load_data
+    from jaxsql.sql import SqlPool
+
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    examples = load_data(DataSpec.parse(args.data))
+    with SqlPool(timeout_s=args.timeout, max_rows=100_000) as pool:
+        report = convert_examples(examples, pool)
+    kept = cocte_examples(report, keep_single_step=not args.multi_step_only)
+    written = write_jsonl(kept, out)
+    print(json.dumps({"out": str(out), "written": written, **report.to_json()}, indent=1))
     return 0
