@@ -151,14 +151,21 @@ class Checkpointer:
         return meta
 
     def move_aside(self, step: int) -> Path:
-        """Rename step `step` to ``<step>.damaged`` (kept for inspection, no longer a step)."""
+        """Rename step `step` to ``<step>.damaged`` (kept for inspection, no longer a step).
+
+        On several processes every process calls this; the lead renames, the others wait.
+        """
+        from jaxsql import distributed
+
         src = self.directory / str(step)
         dst = src.with_name(f"{step}.damaged")
         n = 1
         while dst.exists():
             n += 1
             dst = src.with_name(f"{step}.damaged{n}")
-        src.rename(dst)
+        if distributed.is_lead_process():
+            src.rename(dst)
+        distributed.sync(f"checkpoint-move-aside-{step}")
         self._manager.reload()
         return dst
 

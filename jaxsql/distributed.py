@@ -139,6 +139,41 @@ def to_global(local_rows, sharding, global_shape=None):
     return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
 
 
+def rows_to_global(local_rows, sharding):
+    """A global `jax.Array` on `sharding` whose rows are every process's `local_rows`
+    stacked in process order (each process holds its block of a global batch, as the data
+    pipeline gives it; the same shape on every process).
+
+    When `sharding` gives each process exactly its own block of rows this is `to_global`;
+    otherwise (rows replicated because the batch axes do not divide them, or a
+    different split) the blocks are gathered first, so the result is right for any
+    sharding. On one process: ``jax.device_put``.
+    """
+    import numpy as np
+
+    local_rows = np.asarray(local_rows)
+    n = process_count()
+    if n == 1:
+        return to_global(local_rows, sharding)
+    global_shape = (local_rows.shape[0] * n,) + local_rows.shape[1:]
+    if row_share(sharding, global_shape[0]) == (process_index(), n):
+        return to_global(local_rows, sharding, global_shape)
+    whole = process_values(local_rows).reshape(global_shape)
+    return from_host(whole, sharding)
+
+
+def from_host(value, sharding):
+    """A global `jax.Array` on `sharding` from a host value that every process holds whole
+    (e.g. advantages computed from gathered rewards): each device takes its slice."""
+    import jax
+    import numpy as np
+
+    value = np.asarray(value)
+    if process_count() == 1:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def to_host(x):
     """The whole value of a (possibly multi-host) `jax.Array` as a numpy array on every process."""
     import jax
@@ -179,6 +214,27 @@ def process_values(value) -> "np.ndarray":
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(value, tiled=False))
+
+
+def process_objects(obj) -> list:
+    """`obj` (any picklable value) from every process, as a list in process order.
+
+    Two collectives (the sizes, then the padded bytes); meant for small host results
+    such as one batch's scores. On one process: ``[obj]``.
+    """
+    import pickle
+
+    import numpy as np
+
+    if process_count() == 1:
+        return [obj]
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = process_values(np.int32(data.size))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = process_values(padded)
+    # the bytes come from this run's own processes (the peers of the collective)
+    return [pickle.loads(gathered[i, : int(sizes[i])].tobytes()) for i in range(len(sizes))]
 
 
 def row_share(sharding, rows: int | None = None) -> tuple[int, int]:

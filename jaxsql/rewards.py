@@ -412,6 +412,14 @@ def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[Ex
                 "format_ok": format_ok(completions[i], config.think_tag, config.answer_tag)}
         item.update({k: c[k] for k in ITEM_METRICS})
         metrics.append(item)
+    return ScoreBatch(rewards=rewards, components=components, metrics=tuple(metrics),
+                      summary=summarize_scores(rewards, components, metrics))
+
+
+def summarize_scores(rewards: np.ndarray, components: Mapping[str, np.ndarray],
+                     metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The batch means of `ScoreBatch.summary` from per-completion rewards, components and metrics."""
+    n = len(metrics)
     summary: dict[str, float] = {"reward_mean": float(rewards.mean()) if n else 0.0}
     if n:
         summary["ex"] = float(np.mean([m["correct"] for m in metrics]))
@@ -426,4 +434,16 @@ def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[Ex
             summary[f"errors/{kind}"] = float(np.mean([m["error"] == kind for m in metrics]))
         for name, arr in components.items():
             summary[f"reward/{name}"] = float(arr.mean())
-    return ScoreBatch(rewards=rewards, components=components, metrics=tuple(metrics), summary=summary)
+    return summary
+
+
+def concat_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
+    """One `ScoreBatch` of `parts`' completions in order, its summary over all of them (e.g.
+    the scores of every process of a multi-host run: the summary one process would log)."""
+    if len(parts) == 1:
+        return parts[0]
+    rewards = np.concatenate([p.rewards for p in parts])
+    components = {k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components}
+    metrics = tuple(m for p in parts for m in p.metrics)
+    return ScoreBatch(rewards=rewards, components=components, metrics=metrics,
+                      summary=summarize_scores(rewards, components, metrics))

@@ -30,14 +30,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxsql.distributed import is_lead_process
+from jaxsql.distributed import any_process, from_host, is_lead_process
+from jaxsql.errors import JaxsqlError
 from jaxsql.metrics import MetricsWriter
 from rl import setup
 from rl.batch import TrainBatch
 from rl.loop import Hook, LogMetrics, RunResult, SaveEvery, ShowProgress, StopOnSignal, TrainLoop
 from rl.rollout import PromptEncoder
-from rl.run_dir import RunDir, check_tokenizer
+from rl.run_dir import RunDir, RunDirError, check_tokenizer
 from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
 
 
@@ -68,8 +71,16 @@ class BaseTrainer:
         self.run_dir = Path(c.run_dir)
         self._releases: list[Callable[[], None]] = []
         # Checked and locked before anything is written; only the lead process locks (the
-        # other processes of a multi-host run share its directory).
-        run = RunDir.claim(self.run_dir, lock=is_lead_process(), expect_hf_export=c.checkpoint.export_hf)
+        # other processes of a multi-host run share its directory). A refusal on any process
+        # stops every process (none is left waiting in a collective).
+        try:
+            run = RunDir.claim(self.run_dir, lock=is_lead_process(), expect_hf_export=c.checkpoint.export_hf)
+        except JaxsqlError:
+            any_process(True)
+            raise
+        if any_process(False):
+            run.release()
+            raise RunDirError(f"run_dir {self.run_dir}: refused on another process (see the lead's error)")
         self._releases.append(run.release)
         try:
             self._setup(resume, step_config, total_updates)
@@ -93,7 +104,10 @@ class BaseTrainer:
         self._init_extra(params)
         self.state = init_state(params, self.optimizer, self.update_step.state_shardings)
         del params
-        self.rng = jax.random.PRNGKey(c.seed)
+        # one key, replicated over the mesh (every process holds the same; the checkpoint
+        # restores it onto the same placement)
+        self.rng = from_host(np.asarray(jax.random.PRNGKey(c.seed)),
+                             NamedSharding(self.mesh, PartitionSpec()))
         self.checkpointer = setup.open_checkpointer(self.run_dir, c.checkpoint, resume=resume)
         self._releases.append(self.checkpointer.close)
         self.state, self.rng, self.start_step = setup.restore_run(
@@ -154,10 +168,10 @@ class BaseTrainer:
                 "history": result.history}
 
     def export(self, out_dir: str | Path) -> Path:
-        """Write the current weights as an HF checkpoint with the run's tokenizer (lead process)."""
+        """Write the current weights as an HF checkpoint with the run's tokenizer. Every process
+        calls it (each tensor is gathered in turn); only the lead process writes."""
         out_dir = Path(out_dir)
-        if is_lead_process():
-            setup.export_policy(out_dir, self.config.model, self.model_cfg, self.state["params"])
+        setup.export_policy(out_dir, self.config.model, self.model_cfg, self.state["params"])
         return out_dir
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from data.records import Example
+from jaxsql.distributed import process_values, to_host
 from models.sampler import bucket_length
 from rl.base_trainer import BaseTrainer
 from rl.batch import Batch
@@ -29,12 +30,19 @@ from rl.train_step import StepConfig
 
 
 def sft_batch(examples: Sequence[Example], encoder: PromptEncoder, max_target_len: int, eos_id: int,
-              pad_id: int) -> Batch:
-    """Host arrays of a G = 1 batch: prompts [B, P] (P a bucket length, left-padded) and
-    targets + EOS [B, L] (L = max_target_len, right-padded)."""
+              pad_id: int, longest_prompt: int | None = None) -> Batch:
+    """Host arrays of a G = 1 batch: prompts [B, P] (P the bucket length of the longest
+    prompt, or of `longest_prompt` when given: the longest over every process's rows, so
+    that all processes pad to one width; left-padded) and targets + EOS [B, L]
+    (L = max_target_len, right-padded)."""
     prompts = [encoder(ex) for ex in examples]
     targets = [encoder.target_ids(ex, max_target_len, eos_id) for ex in examples]
-    P = bucket_length(max(len(p) for p in prompts))
+    longest = max(len(p) for p in prompts)
+    if longest_prompt is not None:
+        if longest_prompt < longest:
+            raise ValueError(f"sft_batch: longest_prompt={longest_prompt} but a prompt has {longest} tokens")
+        longest = longest_prompt
+    P = bucket_length(longest)
     B, L = len(examples), max_target_len
     prompt = np.full((B, P), pad_id, np.int32)
     prompt_mask = np.zeros((B, P), np.int32)
@@ -67,12 +75,15 @@ class SftTrainer(BaseTrainer):
         import jax
 
         t0 = time.perf_counter()
-        batch = sft_batch(next(self.iterator), self.encoder, self.config.data.max_target_len, self.eos_id,
-                          self.pad_id).flat()
-        out = jax.device_get(self.update(batch))
+        # this process's rows of the global batch; the step trains on all processes' rows
+        examples = next(self.iterator)
+        longest = int(process_values(np.int32(max(len(self.encoder(ex)) for ex in examples))).max())
+        batch = sft_batch(examples, self.encoder, self.config.data.max_target_len, self.eos_id,
+                          self.pad_id, longest_prompt=longest).flat()
+        out = jax.tree.map(to_host, self.update(batch))
         m = {f"train/{k}": float(v) for k, v in out.items()}
         m["time/step_s"] = time.perf_counter() - t0
-        m["tokens_per_s"] = float(batch.mask.sum()) / m["time/step_s"]
+        m["tokens_per_s"] = float(process_values(np.int32(batch.mask.sum())).sum()) / m["time/step_s"]
         return m
 
 

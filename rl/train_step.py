@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -212,13 +213,47 @@ class TrainStep:
             key = (model_cfg, sc, self.loss_fn, mesh, rules, cache_key)
             self._compiled = _SHARED.setdefault(key, {})
 
-    def batch_shardings(self, batch: TrainBatch) -> TrainBatch:
-        """A batch of shardings: rows over the batch mesh axes, other dimensions replicated."""
-        return jax.tree.map(lambda v: batch_sharding(self.mesh, self.rules, tuple(jnp.shape(v))), batch)
+    def batch_shardings(self, batch: TrainBatch, global_rows: bool = False) -> TrainBatch:
+        """A batch of shardings: rows over the batch mesh axes, other dimensions replicated.
+
+        `global_rows`: the batch's host (numpy) fields hold this process's rows only, so
+        their global leading dimension is ``process_count`` times theirs.
+        """
+        from jaxsql.distributed import process_count
+
+        def shape(v) -> tuple[int, ...]:
+            s = tuple(jnp.shape(v))
+            if global_rows and not isinstance(v, jax.Array) and s:
+                s = (s[0] * process_count(),) + s[1:]
+            return s
+
+        return jax.tree.map(lambda v: batch_sharding(self.mesh, self.rules, shape(v)), batch)
 
     def place_batch(self, batch: TrainBatch) -> TrainBatch:
-        """Put a batch's arrays onto the mesh: the one place where rows reach the devices."""
-        return jax.tree.map(jax.device_put, batch, self.batch_shardings(batch))
+        """Put a batch's arrays onto the mesh: the one place where rows reach the devices.
+
+        A host (numpy) field holds *this process's* rows: its block of the global batch,
+        as the data pipeline gives it (on one process, all rows); the processes' blocks
+        become one global array (`jaxsql.distributed.rows_to_global`), so N processes
+        train on the batch one process would. A `jax.Array` field is already global (e.g.
+        the sampler's rows) and is only moved onto the batch sharding.
+        """
+        from jaxsql.distributed import rows_to_global
+
+        def place(x, sharding):
+            if isinstance(x, jax.Array):
+                return jax.device_put(x, sharding)
+            return rows_to_global(x, sharding)
+
+        return jax.tree.map(place, batch, self.batch_shardings(batch, global_rows=True))
+
+    def global_rows(self, value) -> jax.Array:
+        """A host array that every process holds whole (e.g. advantages computed from the
+        gathered rewards) as a global array on the batch sharding of its shape."""
+        from jaxsql.distributed import from_host
+
+        value = np.asarray(value)
+        return from_host(value, batch_sharding(self.mesh, self.rules, value.shape))
 
     def __call__(self, state: State, batch: TrainBatch) -> tuple[State, dict]:
         if not isinstance(batch, (Batch, FlatBatch)):

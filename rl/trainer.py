@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsql.config import to_dict
+from jaxsql import distributed
 from jaxsql.distributed import any_process, is_lead_process
 from jaxsql.errors import ConfigError
+from jaxsql.rewards import concat_scores
 from rl import algo, setup
 from rl.base_trainer import BaseTrainer
 from rl.batch import Batch
@@ -118,7 +120,8 @@ class GrpoTrainer(BaseTrainer):
                             max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature,
                             top_p=c.sampling.top_p, top_k=c.sampling.top_k,
                             ignore_stop=c.sampling.ignore_stop, stop_ids=self.stop_ids, pad_id=self.pad_id)
-        tokens, lengths = jax.device_get((ro.tokens_NC, ro.lengths_N))
+        # this process's samples (its prompts' rows) travel to the host for scoring
+        tokens, lengths = distributed.local_rows(ro.tokens_NC), distributed.local_rows(ro.lengths_N)
         t_rollout = time.perf_counter() - t0
         # Device work that does not need rewards goes first (async dispatch) ...
         device = {}
@@ -134,11 +137,17 @@ class GrpoTrainer(BaseTrainer):
         fut = self._executor.submit(_Timed, self._score, texts, ro.examples)
         scored = fut.result()
         dev_span = watch.result() if watch else None
-        return {"rows": ro.rows.replace(**device), "score": scored.value, "texts": texts, "examples": ro.examples,
+        # every process gets every process's scores (global order): advantages, DAPO's
+        # choices and the logged metrics are then what one process computes
+        score = concat_scores(distributed.process_objects(scored.value))
+        lengths = np.concatenate(distributed.process_objects(np.asarray(lengths)))
+        return {"rows": ro.rows.replace(**device), "score": score, "texts": texts,
+                "groups": len(score.rewards) // c.sampling.num_generations,
                 "lengths": lengths, "t_rollout": t_rollout, "reward_span": (scored.start, scored.end),
                 "device_span": dev_span}
 
     def _score(self, texts, examples):
+        """This process's completions scored on its own SQL pool (its local databases)."""
         from jaxsql.rewards import score_batch
 
         return score_batch(self.pool, texts, examples, self.rewards)
@@ -169,7 +178,7 @@ class GrpoTrainer(BaseTrainer):
         # Too few informative groups after the refills: pad with masked-out groups
         # so shapes stay fixed; they add nothing to the loss or its denominator.
         filler = [(0, g) for g in range(B - n_real)]
-        offsets = np.cumsum([0] + [len(d["examples"]) // G for d in draws])
+        offsets = np.cumsum([0] + [d["groups"] for d in draws])
         groups = np.array([offsets[d] + g for d, g in keep + filler])
         rows = Batch.concat([d["rows"] for d in draws]).select_groups(groups)
         index = (groups[:, None] * G + np.arange(G)[None, :]).reshape(-1)
@@ -177,14 +186,14 @@ class GrpoTrainer(BaseTrainer):
         adv = np.array(algo.compute_advantages(c.algo.advantage, rewards, G, c.algo.adv_eps))
         if filler:
             adv[n_real * G:] = 0.0
-            live = jnp.asarray(np.arange(B * G) < n_real * G)[:, None]
+            live = self.update_step.global_rows((np.arange(B * G) < n_real * G).astype(np.int32)[:, None])
             rows = rows.replace(completion_mask=rows.completion_mask * live)
-        rows = rows.replace(advantages=jnp.asarray(adv, jnp.float32))
+        rows = rows.replace(advantages=self.update_step.global_rows(adv.astype(np.float32)))
         # micro-batches are whole groups; when they cannot be, full rows
         batch = rows if B % c.optim.micro_batches == 0 else rows.flat()
 
         t_update = time.perf_counter()
-        out = jax.device_get(self.update(batch, times=c.algo.num_iterations))
+        out = jax.tree.map(distributed.to_host, self.update(batch, times=c.algo.num_iterations))
         t_end = time.perf_counter()
 
         first = draws[0]
@@ -218,14 +227,14 @@ class GrpoTrainer(BaseTrainer):
             return
         with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             G = self.config.sampling.num_generations
-            f.write(json.dumps({"step": step, "ids": [e.id for e in draw["examples"][::G]],
+            f.write(json.dumps({"step": step, "ids": [m["id"] for m in draw["score"].metrics[::G]],
                                 "completion": draw["texts"][0][:500],
                                 "reward": float(draw["score"].rewards[0])}) + "\n")
 
     def run(self, until: int | None = None, **loop_options: Any) -> dict[str, Any]:
         """`BaseTrainer.run`, plus ``skipped_updates`` (non-finite updates skipped)."""
         out = super().run(until, **loop_options)
-        out["skipped_updates"] = int(jax.device_get(self.state["skipped"]))
+        out["skipped_updates"] = int(distributed.to_host(self.state["skipped"]))
         return out
 
 
