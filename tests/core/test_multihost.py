@@ -26,6 +26,11 @@ print(json.dumps({
     "shape": list(x.shape), "sum": float(d.to_host(total)),
     "host": d.to_host(x).tolist(), "back": d.local_rows(x).tolist(),
     "any_mine": d.any_process(p == 1), "any_none": d.any_process(False),
+    # rows replicated over the mesh (the batch axes do not split them): the blocks are gathered
+    "replicated_rows": d.to_host(d.rows_to_global(local, NamedSharding(mesh, PartitionSpec()))).tolist(),
+    "split_rows": d.to_host(d.rows_to_global(local, rows)).tolist(),
+    "from_host": d.local_rows(d.from_host(np.arange(8.0) * 2, rows)).tolist(),
+    "objects": d.process_objects({"p": p, "text": "x" * (5 + 100 * p)}),
 }))
 d.sync("done")
 """
@@ -41,3 +46,7 @@ def test_two_processes_share_global_rows_and_decisions():
         assert np.array_equal(np.asarray(o["host"]), want)  # every process sees all rows
         assert np.array_equal(np.asarray(o["back"]), want[4 * p: 4 * p + 4])  # and gets its own back
         assert o["any_mine"] is True and o["any_none"] is False
+        assert np.array_equal(np.asarray(o["replicated_rows"]), want)
+        assert np.array_equal(np.asarray(o["split_rows"]), want)
+        assert o["from_host"] == (np.arange(8.0) * 2)[4 * p: 4 * p + 4].tolist()
+        assert o["objects"] == [{"p": 0, "text": "x" * 5}, {"p": 1, "text": "x" * 105}]
