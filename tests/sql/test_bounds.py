@@ -198,8 +198,19 @@ TYPE_BYPASSES = [
 ]
 
 
-def test_type_bypassed_printf_guard(tiny_db):
-    out = measure(tiny_db, "", """
+#: Formats a guard that does not walk the format as SQLite does gets wrong: the
+#: ``*`` argument it checks is not the one SQLite reads, or each size passes alone.
+PARSE_BYPASSES = [
+    "SELECT printf('%n%.*c', 1000000000, 'x')",  # %n takes no argument in SQL
+    "SELECT printf('%.c%.*c', 'x', 1000000000, 'y')",  # '.' without digits is precision 0
+    "SELECT printf('%5%%*c', 1000000000, 'x')",  # %% with a width takes no argument either
+    # 4,000 x %.200000c: each under the cap, but SQLite pads them all even past its length limit (6 s)
+    "SELECT printf(replace(hex(zeroblob(4000)), '00', '%.200000c'), 'x')",
+]
+
+
+def _run_guarded(tiny_db, queries: list[str]) -> dict:
+    return measure(tiny_db, "", """
         from jaxsql.sql import execute
         execute(DB, "SELECT 1")
         res = []
@@ -208,7 +219,11 @@ def test_type_bypassed_printf_guard(tiny_db):
             r = execute(DB, sql, timeout_s=1.0)
             res.append([sql, r.ok, r.rows, r.error, time.perf_counter() - t])
         out["results"] = res
-    """ % (TYPE_BYPASSES,))
+    """ % (queries,))
+
+
+def test_type_bypassed_printf_guard(tiny_db):
+    out = _run_guarded(tiny_db, TYPE_BYPASSES)
     for sql, ok, rows, error, wall in out["results"]:
         assert ok and rows == [[None]], (sql, ok, rows, error)  # NULL, SQLite's answer for an over-long result
         assert wall < 0.3, (sql, wall)  # refused up front, not stopped by the deadline
@@ -216,10 +231,22 @@ def test_type_bypassed_printf_guard(tiny_db):
     assert out["children_peak_mb"] < 100, out
 
 
+def test_printf_guard_reads_the_format_as_sqlite_does(tiny_db):
+    out = _run_guarded(tiny_db, PARSE_BYPASSES)
+    for sql, ok, rows, error, wall in out["results"]:
+        assert ok and rows == [[None]], (sql, ok, rows, error)
+        assert wall < 0.3, (sql, wall)
+    assert out["children_peak_mb"] < 100, out
+
+
 def test_printf_guard_keeps_ordinary_formatting(tiny_db):
     r = execute(tiny_db, "SELECT printf('%*d|%.*f|%s', '5', 42, x'32', 3.14159, CAST('ab' AS BLOB)), "
                          "printf(CAST('%d-%d' AS BLOB), 1, 2)")
     assert r.rows == (("   42|3.14|ab", "1-2"),), r
+    # the conversions that take no argument, a precision of no digits, size modifiers, big values
+    r = execute(tiny_db, "SELECT printf('%n|%d|%.c|%5%|%lld|%,d|%.*f|%*d', 7, 'q', 5, 1234567, 2, 300000.5, "
+                         "3, 1000000), length(printf('%.100000c%.100000c', 'x', 'y')), printf('%y%d', 1)")
+    assert r.rows == (("|7|q|    %|5|1,234,567|300000.50|1000000", 200000, None),), r
 
 
 # -- 4. transient failures are never cached ------------------------------------------------------
