@@ -175,6 +175,7 @@ class DemoDir:
                     f"{self.root} holds a demo run with different settings ({', '.join(diff)}); "
                     f"rerun with the same options or choose another --out")
             self.state = state
+            self._save_or_fail()  # a demo resumed in a folder it cannot write in fails now, not mid-phase
             return
         if self.root.exists() and any(self.root.iterdir()):
             raise JaxsqlError(
@@ -182,6 +183,9 @@ class DemoDir:
                 f"choose an empty or new --out directory (nothing was written)")
         prepare_output_dir(self.root, "--out")
         self.state = {"demo": "jaxsql", "config": self.config.identity(), "phases": {}}
+        self._save_or_fail()
+
+    def _save_or_fail(self) -> None:
         try:
             self._save()
         except OSError as e:
