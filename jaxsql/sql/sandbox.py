@@ -261,7 +261,7 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con = sqlite3.connect(uri, uri=True, timeout=BUSY_RETRY_S, isolation_level=None,
                               check_same_thread=False, cached_statements=0)
     except sqlite3.Error as e:
-        raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}") from None
+        raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}{_wal_hint(resolved)}") from None
     try:
         if hasattr(con, "enable_load_extension"):
             con.enable_load_extension(False)
@@ -289,8 +289,18 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con.close()
         if is_busy(e):
             raise DatabaseBusy(f"database {str(db_path)!r} is locked by a writer: {e}") from None
-        raise DatabaseMissing(f"cannot read database {str(db_path)!r}: {e}") from None
+        raise DatabaseMissing(f"cannot read database {str(db_path)!r}: {e}{_wal_hint(resolved)}") from None
     return con
+
+
+def _wal_hint(path: Path) -> str:
+    """Why a WAL database with a ``-wal`` file may not open: SQLite needs a ``-shm`` file beside it."""
+    if not _is_wal(path) or not os.path.exists(f"{path}-wal") or os.path.exists(f"{path}-shm") \
+            or os.access(path.parent, os.W_OK):
+        return ""
+    return (" (a WAL database with a -wal file, in a folder where SQLite cannot create the -shm file it needs "
+            "to read the -wal: checkpoint it where it was written, PRAGMA wal_checkpoint(TRUNCATE), or copy "
+            "it to a writable folder)")
 
 
 def is_busy(exc: BaseException) -> bool:

@@ -367,3 +367,34 @@ def test_wal_database_in_a_read_only_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["plain-open-failed", "((5,),)", "((10,),)"], proc.stdout + proc.stderr
     assert sorted(os.listdir(db.parent)) == ["wal.sqlite"]
+
+
+def test_wal_database_with_a_wal_file_in_a_read_only_folder_says_why(tmp_path):
+    """A -wal file (a copy taken while a writer had it open) cannot be read without creating -shm: say so."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs root and unshare/mount for a read-only bind mount")
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a mount namespace")
+    live = _wal_db(tmp_path / "live")
+    writer = sqlite3.connect(live)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("INSERT INTO t VALUES (100)")
+    writer.commit()
+    (tmp_path / "ro").mkdir()
+    db = tmp_path / "ro" / "wal.sqlite"
+    shutil.copy(live, db)
+    shutil.copy(f"{live}-wal", f"{db}-wal")
+    writer.close()
+    reader = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from jaxsql.sql import execute
+        r = execute({str(db)!r}, "SELECT count(*) FROM t")
+        print(r.error, r.message)
+    """)
+    script = f"mount --bind -o ro {db.parent} {db.parent} && exec {sys.executable} -c \"$0\""
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, reader],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("db_missing ") and "cannot create the -shm file" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(db.parent)) == ["wal.sqlite", "wal.sqlite-wal"]
