@@ -17,20 +17,74 @@ from __future__ import annotations
 import functools
 import re
 
-_QUOTED_OR_SPACE = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|\s+)""")
+_OPENERS = "'\"`["
+_SPACES = re.compile(r"\s+")
+
+
+@functools.lru_cache(maxsize=16)
+def _any_of(openers: str) -> re.Pattern | None:
+    """A pattern finding the next of `openers` (quotes, ``[``); None for none."""
+    return re.compile("[" + re.escape(openers) + "]") if openers else None
+
+
 #: Longer queries skip sqlglot: its pure-Python parser would hold the GIL for long.
 MAX_PARSE_CHARS = 20_000
 
 
+def _closing(sql: str, start: int, opener: str, missing: set[str]) -> int:
+    """Index of the character closing the quote or bracket opened at `start`, or -1.
+
+    Quotes ``'`` and ``"`` may hold doubled quotes; when the text ends inside
+    a run of them, the quote before the last pair closes (what a greedy
+    regular expression would match after backtracking). `missing` remembers
+    closers that do not occur after some position, hence not after any later
+    one: an unclosed ``[`` repeated n times is scanned once, not n times.
+    """
+    close = "]" if opener == "[" else opener
+    if close in missing:
+        return -1
+    j = sql.find(close, start + 1)
+    if j < 0:
+        missing.add(close)
+        return -1
+    if opener in "'\"":
+        while j + 1 < len(sql) and sql[j + 1] == opener:
+            k = sql.find(opener, j + 2)
+            if k < 0:
+                return j
+            j = k
+    return j
+
+
 def whitespace_normalize(sql: str) -> str:
-    """Collapse runs of whitespace outside quotes to one space; strip; drop trailing ``;``."""
-    parts = _QUOTED_OR_SPACE.split(sql)
-    out = []
-    for i, part in enumerate(parts):
-        if i % 2 == 1 and part[:1].isspace():
-            out.append(" ")
+    """Collapse runs of whitespace outside quotes to one space; strip; drop trailing ``;``.
+
+    Quoted strings and identifiers (``'...'`` with ``''``, ``"..."`` with
+    ``""``, backticks, ``[...]``) are kept as written; an opener that is never
+    closed is an ordinary character. Linear time in the length of `sql`
+    (queries up to 4 MiB reach it).
+    """
+    out: list[str] = []
+    missing: set[str] = set()
+    pattern = _any_of(_OPENERS)
+    pos = 0
+    while True:
+        m = pattern.search(sql, pos) if pattern is not None else None
+        if m is None:
+            out.append(_SPACES.sub(" ", sql[pos:]))
+            break
+        start = m.start()
+        out.append(_SPACES.sub(" ", sql[pos:start]))
+        opener = m.group()
+        end = _closing(sql, start, opener, missing)
+        if end < 0:
+            out.append(opener)
+            pos = start + 1
+            # its closer occurs nowhere after here: from now on the opener is ordinary text
+            pattern = _any_of("".join(c for c in _OPENERS if ("]" if c == "[" else c) not in missing))
         else:
-            out.append(part)
+            out.append(sql[start:end + 1])
+            pos = end + 1
     text = "".join(out).strip()
     while text.endswith(";"):
         text = text[:-1].rstrip()

@@ -398,3 +398,27 @@ def test_wal_database_with_a_wal_file_in_a_read_only_folder_says_why(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("db_missing ") and "cannot create the -shm file" in proc.stdout, proc.stdout
     assert sorted(os.listdir(db.parent)) == ["wal.sqlite", "wal.sqlite-wal"]
+
+
+# -- 6. host-side work on the query text ---------------------------------------------------------
+
+def test_cache_key_of_hostile_query_text_is_linear(tiny_db):
+    """Cache keys are computed in the caller: 'SELECT [[[[...' (1 MB) would take minutes through the
+    old whitespace regex (quadratic: 80 KB took 5 s); a pool keys and answers it at once."""
+    out = measure(tiny_db, "", """
+        from jaxsql.sql.normalize import normalize_sql
+        queries = ["SELECT " + "[" * 1_000_000, "SELECT " + "[ '" * 300_000, "SELECT " + "a " * 1_000_000]
+        with SqlPool(1) as pool:
+            pool.execute_batch([(DB, "SELECT 1")])
+            cpu = time.process_time()
+            r = pool.execute_batch([(DB, q) for q in queries])
+            out["pool_cpu_s"] = time.process_time() - cpu
+        out["failed"] = [not x.ok for x in r]
+        cpu = time.process_time()
+        for q in queries:
+            normalize_sql(q + " ")  # not the cached key
+        out["keys_cpu_s"] = time.process_time() - cpu
+    """)
+    assert out["failed"] == [True] * 3, out
+    assert out["keys_cpu_s"] < 2.0, out  # measured 0.45-0.65 s (load 12)
+    assert out["pool_cpu_s"] < 4.0, out  # keys, 4 MB through the pipe and back in the messages
