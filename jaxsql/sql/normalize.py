@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Iterator
 
 _OPENERS = "'\"`["
 _SPACES = re.compile(r"\s+")
@@ -56,36 +57,38 @@ def _closing(sql: str, start: int, opener: str, missing: set[str]) -> int:
     return j
 
 
-def whitespace_normalize(sql: str) -> str:
-    """Collapse runs of whitespace outside quotes to one space; strip; drop trailing ``;``.
+def split_quoted(sql: str) -> Iterator[tuple[bool, str]]:
+    """The pieces of `sql` in order, as ``(quoted, text)``: quoted strings and identifiers, and the rest.
 
-    Quoted strings and identifiers (``'...'`` with ``''``, ``"..."`` with
-    ``""``, backticks, ``[...]``) are kept as written; an opener that is never
-    closed is an ordinary character. Linear time in the length of `sql`
-    (queries up to 4 MiB reach it).
+    Quoted means ``'...'`` with ``''``, ``"..."`` with ``""``, backticks or
+    ``[...]``; an opener that is never closed is an ordinary character.
+    Linear time in the length of `sql` (queries up to 4 MiB reach it): an
+    unclosed opener is looked for once, not from every later position.
     """
-    out: list[str] = []
     missing: set[str] = set()
     pattern = _any_of(_OPENERS)
     pos = 0
     while True:
         m = pattern.search(sql, pos) if pattern is not None else None
         if m is None:
-            out.append(_SPACES.sub(" ", sql[pos:]))
             break
         start = m.start()
-        out.append(_SPACES.sub(" ", sql[pos:start]))
-        opener = m.group()
-        end = _closing(sql, start, opener, missing)
+        end = _closing(sql, start, m.group(), missing)
         if end < 0:
-            out.append(opener)
-            pos = start + 1
             # its closer occurs nowhere after here: from now on the opener is ordinary text
             pattern = _any_of("".join(c for c in _OPENERS if ("]" if c == "[" else c) not in missing))
-        else:
-            out.append(sql[start:end + 1])
-            pos = end + 1
-    text = "".join(out).strip()
+            continue
+        if start > pos:
+            yield False, sql[pos:start]
+        yield True, sql[start:end + 1]
+        pos = end + 1
+    if pos < len(sql):
+        yield False, sql[pos:]
+
+
+def whitespace_normalize(sql: str) -> str:
+    """Collapse runs of whitespace outside quotes to one space; strip; drop trailing ``;``."""
+    text = "".join(part if quoted else _SPACES.sub(" ", part) for quoted, part in split_quoted(sql)).strip()
     while text.endswith(";"):
         text = text[:-1].rstrip()
     return text
