@@ -104,8 +104,13 @@ def printf_size_bound(fmt: str, args: tuple, magnitude: Any) -> float:
     i = arg = 0
     total = 0.0
 
-    def digits() -> float:
-        nonlocal i
+    def size() -> float:
+        """The width or precision at `i`: a ``*`` argument's magnitude, or a digit run (none: 0)."""
+        nonlocal i, arg
+        if i < n and fmt[i] == "*":
+            i += 1
+            arg += 1
+            return magnitude(args[arg - 1] if arg <= len(args) else 0)
         j = i
         while i < n and fmt[i] in _ASCII_DIGITS:
             i += 1
@@ -120,20 +125,10 @@ def printf_size_bound(fmt: str, args: tuple, magnitude: Any) -> float:
         i += 1
         while i < n and fmt[i] in _PRINTF_FLAGS:
             i += 1
-        if i < n and fmt[i] == "*":
-            total += magnitude(args[arg] if arg < len(args) else 0)
-            arg += 1
-            i += 1
-        else:
-            total += digits()
+        total += size()  # the width
         if i < n and fmt[i] == ".":
             i += 1
-            if i < n and fmt[i] == "*":
-                total += magnitude(args[arg] if arg < len(args) else 0)
-                arg += 1
-                i += 1
-            else:
-                total += digits()
+            total += size()  # the precision
         if i < n and fmt[i] == "l":
             i += 2 if fmt.startswith("ll", i) else 1
         if i >= n:
