@@ -164,7 +164,6 @@ def ex_ordered(pred: Rows, gold: Rows, gold_sql: str | None) -> bool:
     return ex_bag_rowfree(pred, gold)
 
 
-_QUOTED = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]""")
 _ORDER_BY = re.compile(r"\border\s+by\b", flags=re.IGNORECASE)
 _SQLGLOT_MAX_CHARS = 20_000
 
@@ -186,7 +185,9 @@ def has_top_level_order_by(sql: str) -> bool:
                 return root.args.get("order") is not None
         except Exception:  # noqa: BLE001 - fall back to the textual scan below
             pass
-    text = _QUOTED.sub("''", sql)
+    from jaxsql.sql.normalize import split_quoted
+
+    text = "".join("''" if quoted else part for quoted, part in split_quoted(sql))
     depth = 0
     flat = []
     for ch in text:

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -175,6 +177,7 @@ class DemoDir:
                     f"{self.root} holds a demo run with different settings ({', '.join(diff)}); "
                     f"rerun with the same options or choose another --out")
             self.state = state
+            self._check_writable()  # a demo resumed in a folder it cannot write in fails now, not mid-phase
             return
         if self.root.exists() and any(self.root.iterdir()):
             raise JaxsqlError(
@@ -182,8 +185,18 @@ class DemoDir:
                 f"choose an empty or new --out directory (nothing was written)")
         prepare_output_dir(self.root, "--out")
         self.state = {"demo": "jaxsql", "config": self.config.identity(), "phases": {}}
+        self._check_writable(self._save)
+
+    def _check_writable(self, write: Callable[[], Any] | None = None) -> None:
+        """Run `write` (default: create and remove a probe file, leaving every file as it was); an
+        OSError is one line naming --out."""
+        def probe() -> None:
+            fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=self.root)
+            os.close(fd)
+            os.unlink(name)
+
         try:
-            self._save()
+            (write or probe)()
         except OSError as e:
             raise JaxsqlError(f"--out {self.root}: cannot write in it ({e.strerror or e})") from None
 

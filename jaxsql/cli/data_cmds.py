@@ -143,8 +143,8 @@ def _cocte(args: argparse.Namespace) -> int:
     from jaxsql.cli.eval_cmds import DataSpec, load_data
     from jaxsql.sql import SqlPool
 
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")

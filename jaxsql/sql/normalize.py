@@ -16,22 +16,79 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Iterator
 
-_QUOTED_OR_SPACE = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|\s+)""")
+_OPENERS = "'\"`["
+_SPACES = re.compile(r"\s+")
+
+
+@functools.lru_cache(maxsize=16)
+def _any_of(openers: str) -> re.Pattern | None:
+    """A pattern finding the next of `openers` (quotes, ``[``); None for none."""
+    return re.compile("[" + re.escape(openers) + "]") if openers else None
+
+
 #: Longer queries skip sqlglot: its pure-Python parser would hold the GIL for long.
 MAX_PARSE_CHARS = 20_000
 
 
+def _closing(sql: str, start: int, opener: str, missing: set[str]) -> int:
+    """Index of the character closing the quote or bracket opened at `start`, or -1.
+
+    Quotes ``'`` and ``"`` may hold doubled quotes; when the text ends inside
+    a run of them, the quote before the last pair closes (what a greedy
+    regular expression would match after backtracking). `missing` remembers
+    closers that do not occur after some position, hence not after any later
+    one: an unclosed ``[`` repeated n times is scanned once, not n times.
+    """
+    close = "]" if opener == "[" else opener
+    if close in missing:
+        return -1
+    j = sql.find(close, start + 1)
+    if j < 0:
+        missing.add(close)
+        return -1
+    if opener in "'\"":
+        while j + 1 < len(sql) and sql[j + 1] == opener:
+            k = sql.find(opener, j + 2)
+            if k < 0:
+                return j
+            j = k
+    return j
+
+
+def split_quoted(sql: str) -> Iterator[tuple[bool, str]]:
+    """The pieces of `sql` in order, as ``(quoted, text)``: quoted strings and identifiers, and the rest.
+
+    Quoted means ``'...'`` with ``''``, ``"..."`` with ``""``, backticks or
+    ``[...]``; an opener that is never closed is an ordinary character.
+    Linear time in the length of `sql` (queries up to 4 MiB reach it): an
+    unclosed opener is looked for once, not from every later position.
+    """
+    missing: set[str] = set()
+    pattern = _any_of(_OPENERS)
+    pos = 0
+    while True:
+        m = pattern.search(sql, pos) if pattern is not None else None
+        if m is None:
+            break
+        start = m.start()
+        end = _closing(sql, start, m.group(), missing)
+        if end < 0:
+            # its closer occurs nowhere after here: from now on the opener is ordinary text
+            pattern = _any_of("".join(c for c in _OPENERS if ("]" if c == "[" else c) not in missing))
+            continue
+        if start > pos:
+            yield False, sql[pos:start]
+        yield True, sql[start:end + 1]
+        pos = end + 1
+    if pos < len(sql):
+        yield False, sql[pos:]
+
+
 def whitespace_normalize(sql: str) -> str:
     """Collapse runs of whitespace outside quotes to one space; strip; drop trailing ``;``."""
-    parts = _QUOTED_OR_SPACE.split(sql)
-    out = []
-    for i, part in enumerate(parts):
-        if i % 2 == 1 and part[:1].isspace():
-            out.append(" ")
-        else:
-            out.append(part)
-    text = "".join(out).strip()
+    text = "".join(part if quoted else _SPACES.sub(" ", part) for quoted, part in split_quoted(sql)).strip()
     while text.endswith(";"):
         text = text[:-1].rstrip()
     return text

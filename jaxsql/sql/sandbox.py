@@ -28,8 +28,9 @@ Guarantees (the numbers are in ``docs/sql.md``; each is tested):
   before the next is read, and a result over its cap is ``too_large``;
 - a database locked by a writer is retried for `BUSY_RETRY_S`, then answered
   ``busy`` (transient: the pool never caches it);
-- ``printf``/``format`` refuse widths and precisions above `MAX_VALUE_BYTES`
-  whatever the type of the argument or of the format;
+- ``printf``/``format`` answer NULL when their widths and precisions add up
+  to more than `MAX_VALUE_BYTES`, whatever the type of the arguments or of
+  the format (`printf_size_bound` reads the format as SQLite does);
 - invalid UTF-8 text is decoded with replacement characters instead of failing.
 """
 
@@ -79,22 +80,86 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, dbname: str | No
     return sqlite3.SQLITE_DENY
 
 
-_PRINTF_SPEC = re.compile(r"%[-+ 0#,!]*(\d+|\*)?(?:\.(\d+|\*))?(?:ll|l)?([a-zA-Z%])")
+#: Conversions of SQLite's printf that take an argument, and those that take none; any
+#: other character ends the formatting (SQLite stops at an unknown conversion).
+_PRINTF_ARG_CONVERSIONS = frozenset("dsgzqQwcouxXfeEGipr")
+_PRINTF_NO_ARG_CONVERSIONS = frozenset("n%")
+_PRINTF_FLAGS = frozenset("-+ #!0,")
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def printf_size_bound(fmt: str, args: tuple, magnitude: Any) -> float:
+    """Sum of the widths and precisions that SQLite's printf would use for `fmt` with `args`.
+
+    Walks the format exactly as SQLite's ``sqlite3_str_vappendf`` does for the
+    SQL function (``%[flags][width|*][.[precision|*]][l|ll]conversion``, flags
+    ``-+ #!0,``, a precision of no digits is 0, ``%n`` and ``%%`` take no
+    argument, an unknown conversion or a NUL ends the formatting), so the
+    arguments read for ``*`` are the ones SQLite reads. `magnitude` gives the
+    size of a ``*`` argument. A digit run too long to be a size counts as
+    infinite. Stops adding once the sum passes `MAX_VALUE_BYTES`.
+    """
+    end = fmt.find("\x00")
+    n = len(fmt) if end < 0 else end
+    i = arg = 0
+    total = 0.0
+
+    def size() -> float:
+        """The width or precision at `i`: a ``*`` argument's magnitude, or a digit run (none: 0)."""
+        nonlocal i, arg
+        if i < n and fmt[i] == "*":
+            i += 1
+            arg += 1
+            return magnitude(args[arg - 1] if arg <= len(args) else 0)
+        j = i
+        while i < n and fmt[i] in _ASCII_DIGITS:
+            i += 1
+        if i - j > 12:
+            return math.inf
+        return float(fmt[j:i]) if i > j else 0.0
+
+    while total <= MAX_VALUE_BYTES:
+        i = fmt.find("%", i, n)
+        if i < 0 or i + 1 >= n:
+            break
+        i += 1
+        while i < n and fmt[i] in _PRINTF_FLAGS:
+            i += 1
+        total += size()  # the width
+        if i < n and fmt[i] == ".":
+            i += 1
+            total += size()  # the precision
+        if i < n and fmt[i] == "l":
+            i += 2 if fmt.startswith("ll", i) else 1
+        if i >= n:
+            break
+        conv = fmt[i]
+        i += 1
+        if conv in _PRINTF_ARG_CONVERSIONS:
+            arg += 1
+        elif conv not in _PRINTF_NO_ARG_CONVERSIONS:
+            break
+    return total
 
 
 def _guarded_printf(helper: sqlite3.Connection) -> Any:
-    """SQLite's printf/format, but NULL when a width or precision exceeds `MAX_VALUE_BYTES`.
+    """SQLite's printf/format, but NULL when its widths and precisions add up to more than `MAX_VALUE_BYTES`.
 
     The built-in pads in a single VM instruction (``printf('%.1000000000c', 'x')``
-    spins for seconds, beyond the progress handler's reach) and already answers
-    NULL for results over the length limit; this checks the sizes first, then
-    lets the built-in (on a private in-memory connection) do the formatting.
+    spins for seconds, beyond the progress handler's reach), and keeps doing
+    the padding work of every conversion even after its result has passed
+    the length limit (4,000 times ``%.200000c``: 6 s for a NULL). So this
+    adds up every width and precision first (`printf_size_bound`), answers
+    NULL (SQLite's own answer for an over-long result) when the sum is over
+    the cap, and otherwise lets the built-in format on a private in-memory
+    connection whose length limit is `MAX_VALUE_BYTES`.
 
     Type-robust: the format is read as SQLite reads it (a BLOB or a number as
     its text), and a ``*`` width or precision of any type is converted the
     way SQLite converts it, taking the larger of its integer and real readings
     (``'1000000000'``, ``x'31303030'``, ``1e9`` and ``'1e9'`` are all caught).
     """
+    helper.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
 
     def magnitude(value: Any) -> float:
         if isinstance(value, bool) or value is None:
@@ -110,17 +175,8 @@ def _guarded_printf(helper: sqlite3.Connection) -> Any:
         fmt = args[0]
         if isinstance(fmt, bytes):
             fmt = fmt.decode("utf-8", "replace")
-        if isinstance(fmt, str):
-            rest = iter(args[1:])
-            for width, precision, conv in _PRINTF_SPEC.findall(fmt):
-                for part in (width, precision):
-                    if part == "*":
-                        if magnitude(next(rest, 0)) > MAX_VALUE_BYTES:
-                            return None
-                    elif part and int(part) > MAX_VALUE_BYTES:
-                        return None
-                if conv != "%":
-                    next(rest, None)
+        if isinstance(fmt, str) and printf_size_bound(fmt, args[1:], magnitude) > MAX_VALUE_BYTES:
+            return None
         marks = ",".join("?" * len(args))
         return helper.execute(f"SELECT printf({marks})", args).fetchone()[0]
 
@@ -200,7 +256,7 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con = sqlite3.connect(uri, uri=True, timeout=BUSY_RETRY_S, isolation_level=None,
                               check_same_thread=False, cached_statements=0)
     except sqlite3.Error as e:
-        raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}") from None
+        raise DatabaseMissing(f"cannot open database {str(db_path)!r}: {e}{_wal_hint(resolved)}") from None
     try:
         if hasattr(con, "enable_load_extension"):
             con.enable_load_extension(False)
@@ -228,8 +284,18 @@ def open_readonly(db_path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
         con.close()
         if is_busy(e):
             raise DatabaseBusy(f"database {str(db_path)!r} is locked by a writer: {e}") from None
-        raise DatabaseMissing(f"cannot read database {str(db_path)!r}: {e}") from None
+        raise DatabaseMissing(f"cannot read database {str(db_path)!r}: {e}{_wal_hint(resolved)}") from None
     return con
+
+
+def _wal_hint(path: Path) -> str:
+    """Why a WAL database with a ``-wal`` file may not open: SQLite needs a ``-shm`` file beside it."""
+    if not _is_wal(path) or not os.path.exists(f"{path}-wal") or os.path.exists(f"{path}-shm") \
+            or os.access(path.parent, os.W_OK):
+        return ""
+    return (" (a WAL database with a -wal file, in a folder where SQLite cannot create the -shm file it needs "
+            "to read the -wal: checkpoint it where it was written, PRAGMA wal_checkpoint(TRUNCATE), or copy "
+            "it to a writable folder)")
 
 
 def is_busy(exc: BaseException) -> bool:

@@ -80,6 +80,16 @@ def test_cli_errors(tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_cli_refuses_a_timeout_that_is_not_a_finite_positive_number(small_bench, tmp_path, capsys, value):
+    for argv in (["data", "stats", "synthetic", str(small_bench.out_dir)],
+                 ["data", "cocte", f"synthetic:{small_bench.out_dir}", "--out", str(tmp_path / "c.jsonl")]):
+        assert main([*argv, "--timeout", value]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --timeout must be a finite number of seconds > 0, got {float(value)}", err
+    assert not (tmp_path / "c.jsonl").exists()
+
+
 def test_build_notices_a_changed_source(tmp_path, capsys):
     from data.synthetic import generate_benchmark
 

@@ -179,3 +179,55 @@ def test_demo_out_unusable_is_a_one_line_error(tmp_path, capsys):
         assert main(["demo", "--out", str(out), "--smoke"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --out") and want in err and "\n" not in err, err
+
+
+READ_ONLY_PROBE = """
+import os, sys
+from jaxsql.cli import main
+from rl.run_dir import RunDir, RunDirError
+root = sys.argv[1]
+try:
+    open(os.path.join(root, "probe"), "w")
+    print("writable")
+except OSError:
+    pass
+for name in ("run_new", "run_resumed"):
+    try:
+        RunDir.claim(os.path.join(root, name))
+        print(name, "claimed")
+    except RunDirError as e:
+        print(name, "error:", e)
+for name in ("demo_new", "demo_resumed"):
+    print(name, "rc", main(["demo", "--out", os.path.join(root, name), "--smoke"]), flush=True)
+"""
+
+
+def test_read_only_run_dir_and_demo_out_are_one_line_errors(tmp_path):
+    """Existing directories on a read-only mount (not even root writes there): new and resumed runs."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs root and unshare/mount for a read-only bind mount")
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a mount namespace")
+    from rl.demo import DemoDir, smoke_config
+
+    ro = tmp_path / "ro"
+    for name in ("run_new", "run_resumed/checkpoints", "demo_new"):
+        (ro / name).mkdir(parents=True)
+    (ro / "run_resumed" / "run.lock").write_text("1\n")
+    DemoDir(ro / "demo_resumed", smoke_config(minutes=10.0))  # what `demo --smoke` wrote before
+    before = _tree(ro)
+    script = f"mount --bind -o ro {ro} {ro} && exec {sys.executable} -c \"$0\" {ro}"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, READ_ONLY_PROBE],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == [f"run_new error: run_dir {ro / 'run_new'}: cannot write in it (Read-only file system)",
+                         f"run_resumed error: run_dir {ro / 'run_resumed'}: cannot write in it "
+                         f"(Read-only file system)"], proc.stdout
+    assert lines[2:] == ["demo_new rc 1", "demo_resumed rc 1"], proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --out {ro / name}: cannot write in it (Read-only file system)"
+                      for name in ("demo_new", "demo_resumed")], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _tree(ro) == before

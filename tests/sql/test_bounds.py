@@ -198,8 +198,19 @@ TYPE_BYPASSES = [
 ]
 
 
-def test_type_bypassed_printf_guard(tiny_db):
-    out = measure(tiny_db, "", """
+#: Formats a guard that does not walk the format as SQLite does gets wrong: the
+#: ``*`` argument it checks is not the one SQLite reads, or each size passes alone.
+PARSE_BYPASSES = [
+    "SELECT printf('%n%.*c', 1000000000, 'x')",  # %n takes no argument in SQL
+    "SELECT printf('%.c%.*c', 'x', 1000000000, 'y')",  # '.' without digits is precision 0
+    "SELECT printf('%5%%*c', 1000000000, 'x')",  # %% with a width takes no argument either
+    # 4,000 x %.200000c: each under the cap, but SQLite pads them all even past its length limit (6 s)
+    "SELECT printf(replace(hex(zeroblob(4000)), '00', '%.200000c'), 'x')",
+]
+
+
+def _run_guarded(tiny_db, queries: list[str]) -> dict:
+    return measure(tiny_db, "", """
         from jaxsql.sql import execute
         execute(DB, "SELECT 1")
         res = []
@@ -208,7 +219,11 @@ def test_type_bypassed_printf_guard(tiny_db):
             r = execute(DB, sql, timeout_s=1.0)
             res.append([sql, r.ok, r.rows, r.error, time.perf_counter() - t])
         out["results"] = res
-    """ % (TYPE_BYPASSES,))
+    """ % (queries,))
+
+
+def test_type_bypassed_printf_guard(tiny_db):
+    out = _run_guarded(tiny_db, TYPE_BYPASSES)
     for sql, ok, rows, error, wall in out["results"]:
         assert ok and rows == [[None]], (sql, ok, rows, error)  # NULL, SQLite's answer for an over-long result
         assert wall < 0.3, (sql, wall)  # refused up front, not stopped by the deadline
@@ -216,10 +231,22 @@ def test_type_bypassed_printf_guard(tiny_db):
     assert out["children_peak_mb"] < 100, out
 
 
+def test_printf_guard_reads_the_format_as_sqlite_does(tiny_db):
+    out = _run_guarded(tiny_db, PARSE_BYPASSES)
+    for sql, ok, rows, error, wall in out["results"]:
+        assert ok and rows == [[None]], (sql, ok, rows, error)
+        assert wall < 0.3, (sql, wall)
+    assert out["children_peak_mb"] < 100, out
+
+
 def test_printf_guard_keeps_ordinary_formatting(tiny_db):
     r = execute(tiny_db, "SELECT printf('%*d|%.*f|%s', '5', 42, x'32', 3.14159, CAST('ab' AS BLOB)), "
                          "printf(CAST('%d-%d' AS BLOB), 1, 2)")
     assert r.rows == (("   42|3.14|ab", "1-2"),), r
+    # the conversions that take no argument, a precision of no digits, size modifiers, big values
+    r = execute(tiny_db, "SELECT printf('%n|%d|%.c|%5%|%lld|%,d|%.*f|%*d', 7, 'q', 5, 1234567, 2, 300000.5, "
+                         "3, 1000000), length(printf('%.100000c%.100000c', 'x', 'y')), printf('%y%d', 1)")
+    assert r.rows == (("|7|q|    %|5|1,234,567|300000.50|1000000", 200000, None),), r
 
 
 # -- 4. transient failures are never cached ------------------------------------------------------
@@ -340,3 +367,60 @@ def test_wal_database_in_a_read_only_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["plain-open-failed", "((5,),)", "((10,),)"], proc.stdout + proc.stderr
     assert sorted(os.listdir(db.parent)) == ["wal.sqlite"]
+
+
+def test_wal_database_with_a_wal_file_in_a_read_only_folder_says_why(tmp_path):
+    """A -wal file (a copy taken while a writer had it open) cannot be read without creating -shm: say so."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
+        pytest.skip("needs root and unshare/mount for a read-only bind mount")
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a mount namespace")
+    live = _wal_db(tmp_path / "live")
+    writer = sqlite3.connect(live)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("INSERT INTO t VALUES (100)")
+    writer.commit()
+    (tmp_path / "ro").mkdir()
+    db = tmp_path / "ro" / "wal.sqlite"
+    shutil.copy(live, db)
+    shutil.copy(f"{live}-wal", f"{db}-wal")
+    writer.close()
+    reader = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from jaxsql.sql import execute
+        r = execute({str(db)!r}, "SELECT count(*) FROM t")
+        print(r.error, r.message)
+    """)
+    script = f"mount --bind -o ro {db.parent} {db.parent} && exec {sys.executable} -c \"$0\""
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, reader],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("db_missing ") and "cannot create the -shm file" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(db.parent)) == ["wal.sqlite", "wal.sqlite-wal"]
+
+
+# -- 6. host-side work on the query text ---------------------------------------------------------
+
+def test_cache_key_of_hostile_query_text_is_linear(tiny_db):
+    """Cache keys are computed in the caller: 'SELECT [[[[...' (1 MB) would take minutes through the
+    old whitespace regex (quadratic: 80 KB took 5 s); a pool keys and answers it at once."""
+    out = measure(tiny_db, "", """
+        from jaxsql.sql.normalize import normalize_sql
+        queries = ["SELECT " + "[" * 1_000_000, "SELECT " + "[ '" * 300_000, "SELECT " + "a " * 1_000_000]
+        with SqlPool(1) as pool:
+            pool.execute_batch([(DB, "SELECT 1")])
+            cpu = time.process_time()
+            r = pool.execute_batch([(DB, q) for q in queries])
+            out["pool_cpu_s"] = time.process_time() - cpu
+        out["failed"] = [not x.ok for x in r]
+        from jaxsql.compare import has_top_level_order_by
+        cpu = time.process_time()
+        for q in queries:
+            normalize_sql(q + " ")  # not the cached key
+        out["ordered"] = has_top_level_order_by(queries[0] + " ORDER BY 1")  # the same scan, for comparisons
+        out["keys_cpu_s"] = time.process_time() - cpu
+    """)
+    assert out["failed"] == [True] * 3 and out["ordered"] is True, out
+    assert out["keys_cpu_s"] < 2.0, out  # measured 0.45-0.65 s (load 12)
+    assert out["pool_cpu_s"] < 4.0, out  # keys, 4 MB through the pipe and back in the messages
