@@ -158,8 +158,8 @@ def _empty(tmp_path: Path) -> Path:
 def test_prm_train_bad_input_is_one_line(tiny_env, label_file, tmp_path, capsys):
     cfg = str(_empty(tmp_path))
 
-    def err(**extra) -> str:
-        assert main(["prm", "train", "--config", cfg, *_overrides(tiny_env, tmp_path / "r", label_file, **extra)]) == 1
+    def err(code=1, **extra) -> str:
+        assert main(["prm", "train", "--config", cfg, *_overrides(tiny_env, tmp_path / "r", label_file, **extra)]) == code
         e = capsys.readouterr().err.strip()
         assert e.startswith("error:") and "\n" not in e and "Traceback" not in e, e
         return e
@@ -171,8 +171,8 @@ def test_prm_train_bad_input_is_one_line(tiny_env, label_file, tmp_path, capsys)
     bad.write_text(lines[0] + "\n" + json.dumps(d) + "\n")
     assert "bad.jsonl:2: steps[0] is missing field(s) ['soft']" in err(**{"data.labels": bad})
     assert "label file not found" in err(**{"data.labels": tmp_path / "none.jsonl"})
-    assert "PrmSection.label_kind" in err(**{"prm.label_kind": "mc"})
-    assert "PrmDataSection.heldout_fraction" in err(**{"data.heldout_fraction": 1.0})
+    assert "PrmSection.label_kind" in err(2, **{"prm.label_kind": "mc"})
+    assert "PrmDataSection.heldout_fraction" in err(2, **{"data.heldout_fraction": 1.0})
     assert "more than the" in err(**{"data.batch_size": 1000})
     # a value-head PRM directory trained as lm
     assert main(["prm", "init", "--policy", tiny_env["model"], "--out", str(tmp_path / "v"), "--head", "value"]) == 0
