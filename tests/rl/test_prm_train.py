@@ -3,9 +3,6 @@
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -127,6 +124,37 @@ def test_prm_trainer_learns_resumes_and_exports(tiny_env, label_file, tmp_path):
     prm = load_prm(run / "hf", head="lm")  # the export is an lm PRM directory with its sidecar
     assert (run / "hf" / "jaxsql_prm.json").is_file()
     np.testing.assert_allclose(np.asarray(prm.params["final_norm"]), np.asarray(params["final_norm"]), rtol=1e-6)
+    # `jaxsql export` of a PRM checkpoint writes the same PRM directory
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp")]) == 0
+    again = load_prm(tmp_path / "exp", head="lm")
+    np.testing.assert_array_equal(np.asarray(again.params["embed"]), np.asarray(prm.params["embed"]))
+
+
+def test_prm_trainer_sigterm_saves_and_resumes(tiny_env, label_file, tmp_path):
+    """SIGTERM in the middle of a step: the step finishes, a checkpoint is saved, the signal
+    handler is restored, and --resume finishes the run (with the final held-out evaluation)."""
+    import signal
+
+    from rl.prm_train import PrmTrainer
+
+    cfg = _config(tiny_env, tmp_path / "run", label_file, steps=4, **{"checkpoint.every_steps": 0})
+    before = signal.getsignal(signal.SIGTERM)
+    with PrmTrainer(cfg) as t:
+        step = t.step
+
+        def step_and_preempt(i):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(i)
+
+        t.step = step_and_preempt
+        out = t.run()
+    assert out["stopped"] and out["step"] == 2 and signal.getsignal(signal.SIGTERM) is before
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    assert not (tmp_path / "run" / "hf").exists()  # no export before the last step
+    with PrmTrainer(cfg, resume=True) as t:
+        out = t.run()
+    assert out["step"] == 4 and [e["step"] for e in out["eval"]] == [4] and (tmp_path / "run" / "hf").is_dir()
 
 
 def test_prm_train_cli_value_head(tiny_env, label_file, tmp_path, capsys):
@@ -141,6 +169,11 @@ def test_prm_train_cli_value_head(tiny_env, label_file, tmp_path, capsys):
     assert out["step"] == 2 and out["eval_first"]["step"] == 0 and out["eval_last"]["step"] == 2
     assert json.loads((run / "hf" / "config.json").read_text())["architectures"] == ["Qwen2ForTokenClassification"]
     assert AutoModelForTokenClassification.from_pretrained(run / "hf").config.num_labels == 1
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    from models.prm import load_prm
+    a, b = load_prm(run / "hf", head="value"), load_prm(tmp_path / "exp", head="value")
+    np.testing.assert_array_equal(np.asarray(a.params["score"]["kernel"]), np.asarray(b.params["score"]["kernel"]))
     # the exported value PRM trains on as it is
     assert main(["prm", "train", "--config", str(_empty(tmp_path)),
                  *_overrides(tiny_env, tmp_path / "again", label_file,
