@@ -116,7 +116,7 @@ class PrmTrainer(BaseTrainer):
     """PRM training run on the shared loop (module docstring)."""
 
     kind = "prm"
-    progress_keys = ("train/loss", "eval/bce", "eval/auc")
+    progress_keys = ("train/loss", "train/agree")
 
     def __init__(self, config: PrmTrainConfig, *, resume: bool = False):
         from rl import setup
@@ -272,8 +272,9 @@ class PrmTrainer(BaseTrainer):
 
 class HeldOutEval(Hook):
     """Held-out evaluation of a `PrmTrainer`: before the first step of a fresh run, every
-    `every` steps, and after the last step; rows go to `writer` with phase ``eval`` and to
-    ``trainer.eval_history`` (each with its ``step``)."""
+    `every` steps, and when the session ends (not after SIGTERM / SIGINT, which leave at once);
+    rows go to `writer` with phase ``eval`` and to ``trainer.eval_history`` (each with its
+    ``step``)."""
 
     def __init__(self, trainer: PrmTrainer, every: int, writer: Any = None):
         from jaxsql.distributed import is_lead_process
@@ -302,7 +303,8 @@ class HeldOutEval(Hook):
             self._run(info.step)
 
     def on_end(self, loop: TrainLoop, result: RunResult) -> None:
-        self._run(result.step)
+        if result.stop_reason != "signal":  # a preempted run saves and leaves at once
+            self._run(result.step)
 
 
 def prm_train(config: PrmTrainConfig, *, resume: bool = False) -> dict[str, Any]:
