@@ -131,13 +131,15 @@ class PlanInput:
 
 
 def param_shard_elements(cfg: ModelConfig, data: int, fsdp: int, tensor: int) -> int:
-    """Elements of the parameters one chip holds under the default `ShardingRules`."""
+    """Elements of the parameters one chip holds under the default `ShardingRules`, counting a
+    dimension its mesh axes do not divide as replicated (training refuses such a mesh unless
+    ``mesh.rule_overrides`` replicates that axis; `plan` warns)."""
     from jaxsql.sharding import ShardingRules, logical_to_spec
     from models.model import param_specs
 
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     mesh = types.SimpleNamespace(shape=sizes)
-    rules = ShardingRules()
+    rules = ShardingRules(replicate_indivisible=ShardingRules.logical_axes())
     total = 0
 
     def walk(tree):
@@ -181,7 +183,8 @@ def plan(p: PlanInput) -> dict[str, Any]:
     vocab_t = V / t if V % t == 0 else V
     for what, n in (("query heads", N), ("KV heads", K), ("MLP width", F), ("vocabulary", V)):
         if n % t:
-            warnings.append(f"{what} ({n}) do not divide over tensor = {t}: that dimension is replicated")
+            warnings.append(f"{what} ({n}) do not divide over tensor = {t}: training refuses this mesh "
+                            f"unless mesh.rule_overrides replicates that axis; counted here as replicated")
 
     n_shard = param_shard_elements(cfg, p.data, p.fsdp, p.tensor)
     params = n_shard * pb

@@ -8,6 +8,7 @@ from jaxsql.sharding import make_mesh
 from models.config import ModelConfig
 from models.model import cast_params, init_params
 from rl import algo
+from rl.batch import FlatBatch
 from rl.config import OptimSection
 from rl.train_step import StepConfig, TrainStep, init_state, make_optimizer
 
@@ -21,16 +22,16 @@ def _batch():
     tokens = rng.integers(3, 64, (N, P + C)).astype(np.int32)
     mask = np.ones((N, P + C), np.int32)
     cm = mask[:, P:].copy()
-    return {"tokens": tokens, "mask": mask, "completion_mask": cm,
-            "advantages": rng.normal(size=N).astype(np.float32),
-            "sampler_logp": (-4.0 + 0.1 * rng.normal(size=(N, C))).astype(np.float32)}
+    return FlatBatch(tokens=tokens, mask=mask, completion_mask=cm,
+                     advantages=rng.normal(size=N).astype(np.float32),
+                     sampler_logp=(-4.0 + 0.1 * rng.normal(size=(N, C))).astype(np.float32))
 
 
 def _update(param_dtype: str, compute_dtype: str):
     """(initial, updated) parameters as float32 numpy arrays after one GRPO step at lr 1e-6."""
     cfg = BASE.replace(param_dtype=param_dtype, compute_dtype=compute_dtype)
     opt = make_optimizer(OptimSection(learning_rate=1e-6, max_grad_norm=0.0), 10)
-    step = TrainStep(cfg, StepConfig(loss=algo.PolicyLossConfig(beta=0.0, max_len=C)), opt,
+    step = TrainStep(cfg, StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(beta=0.0, max_len=C)), opt,
                      make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     params = cast_params(init_params(BASE, jax.random.PRNGKey(0)), param_dtype)
     before = [np.asarray(x, np.float32) for x in jax.tree.leaves(params)]
