@@ -135,8 +135,9 @@ class PrmTrainer(BaseTrainer):
         from models.prm import check_matches_policy, load_prm, value_head_from_lm
 
         c = self.config
-        prm = load_prm(c.model.path, head=self._found_head, mesh=self.mesh, rules=c.mesh.sharding_rules(),
-                       param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
+        # the same (default) sharding rules as the policy trainers' state (rl.base_trainer)
+        prm = load_prm(c.model.path, head=self._found_head, mesh=self.mesh, param_dtype=c.model.param_dtype,
+                       compute_dtype=c.model.compute_dtype)
         check_matches_policy(prm, self.tokenizer, c.model.tokenizer or c.model.path)
         if prm.candidates != self.candidates:
             raise JaxsqlError(f"ModelSection.tokenizer gives candidate ids {list(self.candidates)}, the PRM's own "
@@ -215,7 +216,7 @@ class PrmTrainer(BaseTrainer):
                                      for i in range(0, len(self.heldout_records), n)]
         if not hasattr(self, "_eval_fn"):
             self._eval_fn = jax.jit(step_logits, static_argnums=(1, 2, 3))
-        rules = self.config.mesh.sharding_rules()
+        rules = self.update_step.rules
         zs, ys, ws = [], [], []
         for b in self._heldout_batches:
             put = [jax.device_put(x, batch_sharding(self.mesh, rules, x.shape)) for x in (b.tokens, b.mask, b.positions)]

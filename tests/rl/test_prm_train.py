@@ -252,6 +252,7 @@ def _tiny_cocte_policy_init(root: Path, n_train: int, hidden: int) -> tuple[str,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 12 minutes on 2 loaded cores (SFT is most of it)
 def test_end_to_end_cocte_sft_labels_prm(tmp_path, capsys):
     """CoCTE SFT data -> CoCTE SFT policy (`jaxsql sft`) -> step labels (`jaxsql prm label`) ->
     `jaxsql prm train`: held-out BCE falls and held-out step AUC beats 0.5 (docs/rewardsql.md has
