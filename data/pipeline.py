@@ -105,6 +105,7 @@ def make_dataset(
     process_count: int | None = None,
     drop_remainder: bool = False,
     transform: Callable[[Example], Any] | None = None,
+    as_examples: bool = True,
 ):
     """The grain ``MapDataset`` of this process's slices of the global batches (module docstring).
 
@@ -118,6 +119,8 @@ def make_dataset(
         default from `jaxsql.distributed`.
       drop_remainder: drop a last, short global batch.
       transform: applied to each `Example` after conversion (e.g. tokenisation).
+      as_examples: convert each record to an `Example` (False: records pass as they are, e.g.
+        indices into a list of label records, `rl.prm_train`).
     """
     import grain
 
@@ -139,7 +142,8 @@ def make_dataset(
         raise JaxsqlError(f"{len(ds)} records ({len(source)} x {num_epochs} epochs) do not make whole global "
                           f"batches of {batch_size}, so the {n} processes would take different numbers of "
                           f"steps; pass drop_remainder=True")
-    ds = ds.map(example_from_record)
+    if as_examples:
+        ds = ds.map(example_from_record)
     if transform is not None:
         ds = ds.map(transform)
     # Global batch b is the consecutive local batches b*P .. b*P + P-1; process p takes the p-th.

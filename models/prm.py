@@ -143,6 +143,30 @@ def value_head_from_lm(params: Params, cfg: ModelConfig, candidates: tuple[int, 
 # --- scoring --------------------------------------------------------------------------------
 
 
+def _head_logits(params: Params, cfg: ModelConfig, head: str, candidates: tuple[int, int],
+                 h_BKD: jax.Array) -> jax.Array:
+    """The head's logit z [B, K] from hidden states [B, K, D] (float32)."""
+    h_BKD = h_BKD.astype(jnp.float32)
+    if head == "lm":
+        good, bad = candidates
+        if cfg.tie_word_embeddings:
+            w_CD = params["embed"][jnp.asarray([good, bad])]
+        else:
+            w_CD = params["lm_head"][:, jnp.asarray([good, bad])].T
+        l_BKC = jnp.einsum("BKD,CD->BKC", h_BKD, w_CD.astype(jnp.float32))
+        return l_BKC[..., 0] - l_BKC[..., 1]
+    if head == "value":
+        return h_BKD @ params["score"]["kernel"][:, 0].astype(jnp.float32) + params["score"]["bias"][0].astype(
+            jnp.float32)
+    raise ValueError(f"unknown PRM head {head!r}")
+
+
+def _hidden(params: Params, cfg: ModelConfig, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    mask = mask_BT.astype(jnp.bool_)
+    h_BTD, _ = hidden_states(params, tokens_BT, positions_from_mask(mask), cfg, mask_BT=mask)
+    return h_BTD
+
+
 def step_logits(params: Params, cfg: ModelConfig, head: str, candidates: tuple[int, int], tokens_BT: jax.Array,
                 mask_BT: jax.Array, positions_BK: jax.Array) -> jax.Array:
     """The PRM's logit z [B, K] (float32) at each step-tag position; the score is sigmoid(z).
@@ -153,25 +177,24 @@ def step_logits(params: Params, cfg: ModelConfig, head: str, candidates: tuple[i
     positions < 0 give 0 (there is no step there). Pure: `cfg`, `head` and
     `candidates` are static under jit.
     """
-    mask = mask_BT.astype(jnp.bool_)
-    h_BTD, _ = hidden_states(params, tokens_BT, positions_from_mask(mask), cfg, mask_BT=mask)
+    h_BTD = _hidden(params, cfg, tokens_BT, mask_BT)
     T = tokens_BT.shape[1]
     valid_BK = positions_BK >= 0
     idx = jnp.clip(positions_BK, 0, T - 1)
-    h_BKD = jnp.take_along_axis(h_BTD, idx[..., None], axis=1).astype(jnp.float32)
-    if head == "lm":
-        good, bad = candidates
-        if cfg.tie_word_embeddings:
-            w_CD = params["embed"][jnp.asarray([good, bad])]
-        else:
-            w_CD = params["lm_head"][:, jnp.asarray([good, bad])].T
-        l_BKC = jnp.einsum("BKD,CD->BKC", h_BKD, w_CD.astype(jnp.float32))
-        z = l_BKC[..., 0] - l_BKC[..., 1]
-    elif head == "value":
-        z = h_BKD @ params["score"]["kernel"][:, 0].astype(jnp.float32) + params["score"]["bias"][0].astype(jnp.float32)
-    else:
-        raise ValueError(f"unknown PRM head {head!r}")
-    return jnp.where(valid_BK, z, 0.0)
+    h_BKD = jnp.take_along_axis(h_BTD, idx[..., None], axis=1)
+    return jnp.where(valid_BK, _head_logits(params, cfg, head, candidates, h_BKD), 0.0)
+
+
+def token_logits(params: Params, cfg: ModelConfig, head: str, candidates: tuple[int, int], tokens_BT: jax.Array,
+                 mask_BT: jax.Array, last: int | None = None) -> jax.Array:
+    """The PRM's logit z [B, C] (float32) at every one of the last `last` positions (all by
+    default): `step_logits` read everywhere, for batches that mark step ends with a mask
+    (the registered ``prm_bce`` loss). Costs D x 2 (``lm``) or D (``value``) per position,
+    never the vocabulary."""
+    h_BTD = _hidden(params, cfg, tokens_BT, mask_BT)
+    if last is not None:
+        h_BTD = h_BTD[:, h_BTD.shape[1] - last:]
+    return _head_logits(params, cfg, head, candidates, h_BTD)
 
 
 def step_scores(params: Params, cfg: ModelConfig, head: str, candidates: tuple[int, int], tokens_BT: jax.Array,

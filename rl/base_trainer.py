@@ -92,15 +92,14 @@ class BaseTrainer:
         c = self.config
         self.tokenizer = setup.load_tokenizer(c.model)
         self.mesh = setup.build_mesh(c.mesh)
-        self.model_cfg, params = setup.load_policy(c.model, self.mesh)
+        self.model_cfg, params = self._load_model()
         check_tokenizer(self.tokenizer, self.model_cfg.vocab_size, setup.tokenizer_dir(c.model))
         self.stop_ids, self.pad_id = setup.special_ids(self.tokenizer, self.model_cfg)
         self.encoder = PromptEncoder(self.tokenizer, c.data.prompt_format, c.data.max_prompt_len)
-        self.examples = setup.load_examples(c.data, self.run_dir)
-        self.iterator = setup.data_stream(self.examples, c.data, c.data.batch_size)
+        self.examples, self.iterator = self._load_data()
         self.optimizer = make_optimizer(c.optim, total_updates)
         self.update_step = TrainStep(self.model_cfg, step_config, self.optimizer, self.mesh,
-                                     cache_key=(c.optim, total_updates))
+                                     cache_key=(c.optim, total_updates), specs=self._param_specs())
         self._init_extra(params)
         self.state = init_state(params, self.optimizer, self.update_step.state_shardings)
         del params
@@ -116,6 +115,22 @@ class BaseTrainer:
 
     def _init_extra(self, params) -> None:
         """Subclasses: state built from the initial parameters (e.g. the reference policy)."""
+
+    def _load_model(self) -> tuple[Any, Any]:
+        """(model config, parameters on the mesh): the policy of ``config.model`` by default
+        (the PRM trainer loads a PRM directory or converts a policy)."""
+        return setup.load_policy(self.config.model, self.mesh)
+
+    def _param_specs(self) -> Any:
+        """The parameters' `ParamSpec` tree when they are not the decoder's own (None: they are)."""
+        return None
+
+    def _load_data(self) -> tuple[Any, Any]:
+        """(records, the checkpointed grain iterator of their batches): the examples of
+        ``config.data`` by default (the PRM trainer reads label files)."""
+        c = self.config
+        examples = setup.load_examples(c.data, self.run_dir)
+        return examples, setup.data_stream(examples, c.data, c.data.batch_size)
 
     # -- what the loop calls ---------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""Configuration of GRPO and SFT runs: frozen dataclasses loaded from YAML.
+"""Configuration of GRPO, SFT and PRM runs: frozen dataclasses loaded from YAML.
 
-Load with ``load_train_config(path, overrides)`` / ``load_sft_config``; every
+Load with ``load_train_config(path, overrides)`` / ``load_sft_config`` /
+``load_prm_train_config``; every
 value is validated at construction and a bad one fails naming
 ``Section.field``. Sections:
 
@@ -12,6 +13,7 @@ value is validated at construction and a bad one fails naming
 - `CheckpointSection`: where and how often, how many to keep, HF export.
 - `MeshSection`: mesh shape (data, fsdp, tensor) and sharding rules.
 - ``reward``: a free mapping handed to ``jaxsql.rewards.RewardConfig``.
+- `PrmSection`, `PrmDataSection`: the PRM's head and labels, its label files and held-out split.
 """
 
 from __future__ import annotations
@@ -334,6 +336,110 @@ class SftConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrmSection:
+    """The process reward model being trained (`models.prm`, docs/rewardsql.md).
+
+    Attributes:
+      head: ``lm`` (the released form: P(good) over two candidate tokens at the step tag) or
+        ``value`` (a scalar head, exported as ``*ForTokenClassification``). ``model.path`` is a
+        PRM directory with this head (``jaxsql prm init``) or a policy, which becomes an ``lm``
+        PRM as it is and a ``value`` PRM by `models.prm.value_head_from_lm`.
+      label_kind: ``soft`` (the fraction of continuations that reach a correct result) or
+        ``hard`` (1 when one does) as the BCE target.
+      max_len: longest PRM input in tokens (prompt + steps, results and tags); steps past it
+        are left out of the row.
+    """
+
+    head: str = "lm"
+    label_kind: str = "soft"
+    max_len: int = 1024
+
+    def __post_init__(self) -> None:
+        from models.prm import HEADS
+        from rl.prm import LABEL_KINDS
+
+        require(self.head in HEADS, "PrmSection", "head", f"must be one of {list(HEADS)}, got {self.head!r}")
+        require(self.label_kind in LABEL_KINDS, "PrmSection", "label_kind",
+                f"must be one of {list(LABEL_KINDS)}, got {self.label_kind!r}")
+        require(self.max_len >= 16, "PrmSection", "max_len", "must be >= 16")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrmDataSection:
+    """Label files (``jaxsql prm label``) and the held-out split.
+
+    Attributes:
+      labels: the training label file (JSONL).
+      eval_labels: a held-out label file; "" takes `heldout_fraction` of the questions in
+        `labels` instead (every trajectory of a question on the same side).
+      heldout_fraction: share of `labels`' questions held out when `eval_labels` is "" (0: no
+        held-out evaluation).
+      batch_size: trajectories per step.
+      eval_batch_size: trajectories per held-out forward pass.
+      shuffle_seed: seed of the training order and of the held-out draw.
+      max_prompt_len: prompt tokens kept (the last ones), as `jaxsql prm label --max-prompt-len`.
+    """
+
+    labels: str = ""
+    eval_labels: str = ""
+    heldout_fraction: float = 0.1
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    shuffle_seed: int = 0
+    max_prompt_len: int = 512
+
+    def __post_init__(self) -> None:
+        require(bool(self.labels), "PrmDataSection", "labels", "set data.labels (a `jaxsql prm label` file)")
+        require(0.0 <= self.heldout_fraction < 1.0, "PrmDataSection", "heldout_fraction", "must be in [0, 1)")
+        require(self.batch_size >= 1, "PrmDataSection", "batch_size", "must be >= 1")
+        require(self.eval_batch_size >= 1, "PrmDataSection", "eval_batch_size", "must be >= 1")
+        require(self.max_prompt_len >= 8, "PrmDataSection", "max_prompt_len", "must be >= 8")
+
+    @property
+    def prompt_format(self) -> str:
+        """Label files hold CoCTE trajectories of `cocte` prompts (``jaxsql prm label``)."""
+        return "cocte"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrmTrainConfig:
+    """PRM training (`jaxsql prm train`): BCE of step scores against step labels, held-out
+    BCE and step AUC every `eval_every` steps (and before the first and after the last)."""
+
+    run_dir: str
+    model: ModelSection
+    data: PrmDataSection
+    prm: PrmSection = PrmSection()
+    optim: OptimSection = OptimSection(learning_rate=1e-5)
+    checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshSection = MeshSection()
+    steps: int = 100
+    eval_every: int = 0
+    seed: int = 0
+    log_every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.run_dir), "PrmTrainConfig", "run_dir", "must be set")
+        require(bool(self.model.path), "ModelSection", "path",
+                "a PRM trains from a directory (a policy or `jaxsql prm init` output), not a preset")
+        require(self.steps >= 1, "PrmTrainConfig", "steps", "must be >= 1")
+        require(self.eval_every >= 0, "PrmTrainConfig", "eval_every", "must be >= 0 (0: first and last only)")
+        require(self.log_every >= 1, "PrmTrainConfig", "log_every", "must be >= 1")
+        require(self.data.batch_size % self.optim.micro_batches == 0, "OptimSection", "micro_batches",
+                f"must divide data.batch_size = {self.data.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_prm_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PrmTrainConfig:
+    """`PrmTrainConfig` from YAML plus ``a.b=value`` overrides."""
+    return load_config(PrmTrainConfig, path, overrides)
 
 
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:

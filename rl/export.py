@@ -1,4 +1,8 @@
-"""Export a training checkpoint (GRPO or SFT) to Hugging Face format, on demand."""
+"""Export a training checkpoint (GRPO, SFT or PRM) to Hugging Face format, on demand.
+
+A PRM run's checkpoint (``kind: prm``) becomes a PRM directory in its head's
+format (`models.prm.save_prm`: ``*ForCausalLM`` or ``*ForTokenClassification``,
+the tokenizer and ``jaxsql_prm.json``)."""
 
 from __future__ import annotations
 
@@ -43,7 +47,15 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | N
     optim = OptimSection(**run_cfg.get("optim", {}))
     optimizer: optax.GradientTransformation = make_optimizer(optim, int(run_cfg.get("steps", 1)) *
                                                              int(run_cfg.get("algo", {}).get("num_iterations", 1)))
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    prm_cfg = _prm_config(run_cfg) if extra.get("kind") == "prm" else None
+    if prm_cfg is not None and prm_cfg.head != "lm":
+        from models.model import ParamSpec
+        from models.prm import prm_param_specs
+
+        params = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, cfg.param_dtype), prm_param_specs(cfg, prm_cfg.head),
+                              is_leaf=lambda x: isinstance(x, ParamSpec))
+    else:
+        params = init_params(cfg, jax.random.PRNGKey(0))
     target = {"train": init_state(params, optimizer), "rng": jax.random.PRNGKey(0)}
     state, _ = ck.restore(target, meta["step"])
     tok = tokenizer
@@ -58,4 +70,21 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | N
                 raise CheckpointError("ModelSection.tokenizer: a preset model needs model.tokenizer "
                                       "(a tokenizer directory); pass --tokenizer")
     ck.close()
+    if prm_cfg is not None:  # a PRM run: a PRM directory in its head's format (models.prm.save_prm)
+        from models.prm import save_prm
+
+        return save_prm(out_dir, prm_cfg, cfg, state["train"]["params"], tokenizer_dir=tok, overwrite=overwrite)
     return save_hf_checkpoint(out_dir, cfg, state["train"]["params"], tokenizer_dir=tok, overwrite=overwrite)
+
+
+def _prm_config(run_cfg: dict):
+    """The `models.prm.PrmConfig` a PRM run trained: the sidecar of its ``model.path`` (the
+    released defaults without one), with the run's ``prm.head``."""
+    import dataclasses
+
+    from models.prm import PrmConfig, read_sidecar
+
+    path = (run_cfg.get("model") or {}).get("path") or ""
+    side = read_sidecar(path) if path and Path(path).is_dir() else None
+    head = (run_cfg.get("prm") or {}).get("head", "lm")
+    return dataclasses.replace(side[0] if side is not None else PrmConfig(), head=head)

@@ -16,12 +16,12 @@ metric_sums)`` of one micro-batch:
   batch's ``tokens`` as ``train/<name>``.
 
 Adding an objective touches neither the step nor the loop: register it and
-name it in `rl.train_step.StepConfig.loss`. A process reward model's
-binary cross-entropy at step-end positions, for instance, reads the logits of
-a label token at the positions of ``batch.loss_mask`` against
-``batch.targets`` (the step labels) and returns ``(sum of BCE terms, number of
-step ends, {"tokens": number of step ends, ...})``; the PRM trainer builds
-those batches (`rl.base_trainer`).
+name it in `rl.train_step.StepConfig.loss`. The process reward model's
+binary cross-entropy at step-end positions (``"prm_bce"``) is one: it reads
+the PRM's logit at the columns a `FlatBatch`'s ``completion_mask`` weights
+against ``batch.targets`` (the step labels) and returns ``(sum of BCE terms,
+number of step ends, {"tokens": number of step ends, ...})``; the PRM trainer
+(`rl.prm_train`) builds those batches with `rl.prm.flat_batch`.
 """
 
 from __future__ import annotations
@@ -108,6 +108,17 @@ def completion_cross_entropy(params, batch: Batch | FlatBatch, ctx: LossContext)
     logp, _ = _logprobs(params, batch, ctx, with_entropy=False)
     s, d = algo.sft_loss(logp, batch.scored_mask.astype(jnp.float32))
     return s, d, {"tokens": d, "nll": s}
+
+
+@register_loss("prm_bce")
+def process_reward_bce(params, batch: FlatBatch, ctx: LossContext) -> LossOutput:
+    """The PRM's binary cross-entropy at the step ends (`rl.prm.prm_bce`): ``ctx.settings`` is
+    a `rl.prm.PrmLossConfig` (head, candidate ids); the batch is `rl.prm.flat_batch` of a
+    `rl.prm.PrmBatch` (step weights in ``completion_mask``, labels in ``targets``). Reports
+    ``agree`` (score and label on the same side of 0.5), ``score`` and ``label`` per step."""
+    from rl.prm import prm_bce
+
+    return prm_bce(params, batch, ctx.settings, ctx.model_cfg)
 
 
 def known_losses() -> list[str]:

@@ -83,6 +83,45 @@ def prm_loss(params: Any, batch: PrmBatch, *, model_cfg: Any, head: str,
     return step_bce(z, batch.labels, weights)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrmLossConfig:
+    """Settings of the registered ``prm_bce`` loss (`rl.losses`): the PRM's head and its two
+    candidate token ids (good, bad; used by the ``lm`` head)."""
+
+    head: str = "lm"
+    candidates: tuple[int, int] = (0, 1)
+
+
+def flat_batch(batch: PrmBatch) -> Any:
+    """The `PrmBatch` as the shared step's `rl.batch.FlatBatch`: full rows, every column
+    scorable (C = T), ``completion_mask`` [B, T] float32 holding each step's weight at its tag
+    position and ``targets`` [B, T] its label (0 elsewhere); `prm_bce` reads them."""
+    from rl.batch import FlatBatch
+
+    tokens = np.asarray(batch.tokens)
+    B, T = tokens.shape
+    weights = np.zeros((B, T), np.float32)
+    targets = np.zeros((B, T), np.float32)
+    pos = np.asarray(batch.positions)
+    rows, cols = np.nonzero(pos >= 0)
+    weights[rows, pos[rows, cols]] = np.asarray(batch.weights, np.float32)[rows, cols]
+    targets[rows, pos[rows, cols]] = np.asarray(batch.labels, np.float32)[rows, cols]
+    return FlatBatch(tokens=tokens, mask=np.asarray(batch.mask), completion_mask=weights, targets=targets)
+
+
+def prm_bce(params: Any, batch: Any, settings: PrmLossConfig, model_cfg: Any) -> tuple[Array, Array, dict[str, Array]]:
+    """`step_bce` of a `flat_batch`: the PRM's logit at every scored column against
+    ``batch.targets``, weighted by ``batch.completion_mask`` (0 off the step ends); equals
+    `prm_loss` of the `PrmBatch` it came from. Metric sums carry ``tokens`` (steps)."""
+    from models.prm import token_logits
+
+    C = batch.completion_mask.shape[1]
+    z = token_logits(params, model_cfg, settings.head, settings.candidates, batch.tokens, batch.mask, last=C)
+    s, d, metrics = step_bce(z, batch.targets, batch.completion_mask)
+    metrics["tokens"] = metrics.pop("steps")
+    return s, d, metrics
+
+
 def binary_auc(scores: Sequence[float], labels: Sequence[float]) -> float:
     """Area under the ROC curve of `scores` for binary `labels` (> 0.5 is positive), ties
     counted half (the Mann-Whitney statistic); NaN when one class is missing."""

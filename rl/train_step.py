@@ -88,12 +88,28 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
     return optax.chain(*parts)
 
 
-def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules=None):
-    """Shardings of the train state: moments like their parameters, scalars replicated."""
-    p_sh = param_shardings(model_cfg, mesh, rules)
+def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules=None,
+                    specs=None):
+    """Shardings of the train state: moments like their parameters, scalars replicated.
+
+    `specs` (a pytree of `models.model.ParamSpec`) describes parameters other than the
+    decoder's own (e.g. a PRM's value head, `models.prm.prm_param_specs`); default: the decoder's.
+    """
+    if specs is None:
+        p_sh = param_shardings(model_cfg, mesh, rules)
+        shapes = _param_shapes(model_cfg)
+    else:
+        from jaxsql.sharding import tree_shardings
+        from models.model import ParamSpec
+
+        is_spec = lambda x: isinstance(x, ParamSpec)  # noqa: E731
+        dt = jnp.dtype(model_cfg.param_dtype)
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dt), specs, is_leaf=is_spec)
+        p_sh = tree_shardings(jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec), mesh, rules, shapes,
+                              what="parameter")
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(optimizer.init, jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), _param_shapes(model_cfg)))
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes))
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract, p_sh,
                                    transform_non_params=lambda _: replicated)
     return {"params": p_sh, "opt_state": opt_sh, "step": replicated, "skipped": replicated}
@@ -198,19 +214,20 @@ class TrainStep:
     """
 
     def __init__(self, model_cfg: ModelConfig, sc: StepConfig, optimizer: optax.GradientTransformation,
-                 mesh, rules=None, cache_key: Any = None, loss_fn: LossFn | None = None):
+                 mesh, rules=None, cache_key: Any = None, loss_fn: LossFn | None = None, specs=None):
         """`cache_key` (hashable, e.g. the OptimSection and step count that built `optimizer`)
         lets runs in one process share compiled steps (tests, resume). `loss_fn` replaces the
-        registered loss ``sc.loss`` (the objective is looked up by name by default)."""
+        registered loss ``sc.loss`` (the objective is looked up by name by default). `specs`:
+        the parameters' `ParamSpec` tree when they are not the decoder's own (`state_shardings`)."""
         self.model_cfg, self.sc, self.optimizer = model_cfg, sc, optimizer
         self.mesh, self.rules = mesh, rules
         self.loss_fn = loss_fn or get_loss(sc.loss)
-        self.state_shardings = state_shardings(model_cfg, optimizer, mesh, rules)
+        self.state_shardings = state_shardings(model_cfg, optimizer, mesh, rules, specs)
         self._fn = make_step_fn(model_cfg, sc, optimizer, self.loss_fn)
         if cache_key is None:
             self._compiled: dict[tuple, Any] = {}
         else:
-            key = (model_cfg, sc, self.loss_fn, mesh, rules, cache_key)
+            key = (model_cfg, sc, self.loss_fn, mesh, rules, cache_key, specs is not None)
             self._compiled = _SHARED.setdefault(key, {})
 
     def batch_shardings(self, batch: TrainBatch, global_rows: bool = False) -> TrainBatch:

@@ -1,4 +1,4 @@
-"""Process reward model commands: ``jaxsql prm init``, ``jaxsql prm label``, ``jaxsql prm score``.
+"""Process reward model commands: ``jaxsql prm init / label / train / score``.
 
 Reward-SQL's PRM (see ``docs/rewardsql.md``). jax and transformers are
 imported inside the handlers so that the dispatcher starts fast.
@@ -16,7 +16,7 @@ from jaxsql.errors import JaxsqlError, UsageError
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to `sub`."""
-    prm = sub.add_parser("prm", help="process reward model (Reward-SQL): init, step labels, step scores")
+    prm = sub.add_parser("prm", help="process reward model (Reward-SQL): init, step labels, training, step scores")
     psub = prm.add_subparsers(dest="prm_command", metavar="ACTION")
     prm.set_defaults(func=lambda args: _help(prm))
 
@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
+
+    p = psub.add_parser("train", help="train a PRM on step labels through the shared loop (YAML config)")
+    from jaxsql.cli.train_cmds import _add_config_args
+
+    _add_config_args(p)
+    p.set_defaults(func=_train)
 
     p = psub.add_parser("score", help="per-step and trajectory PRM scores of completions (JSON lines)")
     p.add_argument("--prm", required=True, help="PRM directory (jaxsql prm init, or any causal LM: the lm head)")
@@ -133,6 +139,18 @@ def _label(args: argparse.Namespace) -> int:
         stats = run_labeling(examples, args.out, pool=pool, prompt_ids=encoder, sample=sample, settings=settings,
                              meta=meta, progress=not args.no_progress)
     print(json.dumps({"out": str(args.out), **stats}))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxsql.cli.train_cmds import _load
+    from jaxsql.distributed import initialize_from_env
+    from rl.config import load_prm_train_config
+    from rl.prm_train import prm_train, summary
+
+    initialize_from_env()
+    cfg, resume = _load(args, load_prm_train_config)
+    print(json.dumps(summary(prm_train(cfg, resume=resume)), allow_nan=False))
     return 0
 
 

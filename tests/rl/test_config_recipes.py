@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from jaxsql.errors import ConfigError
-from rl.config import load_sft_config, load_train_config
+from rl.config import load_prm_train_config, load_sft_config, load_train_config
 from rl.trainer import reward_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "rl" / "recipes").glob("*.yaml"))
@@ -13,13 +13,17 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "rl" / "recipes").glob("
 
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"grpo_weak_supervision", "think2sql", "reward_sql_base", "synthetic_demo"} <= names
+    assert {"grpo_weak_supervision", "think2sql", "reward_sql_base", "synthetic_demo", "reward_sql_prm"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_loads(path):
     if "sft" in path.stem:
         load_sft_config(path)
+        return
+    if "prm" in path.stem:
+        cfg = load_prm_train_config(path)
+        assert cfg.prm.head == "lm" and cfg.prm.label_kind in ("hard", "soft")
         return
     cfg = load_train_config(path)
     reward_config(cfg)
