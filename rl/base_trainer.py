@@ -92,13 +92,14 @@ class BaseTrainer:
         c = self.config
         self.tokenizer = setup.load_tokenizer(c.model)
         self.mesh = setup.build_mesh(c.mesh)
+        self.rules = c.mesh.sharding_rules()  # mesh.rules / mesh.rule_overrides: state, batches, sampler
         self.model_cfg, params = self._load_model()
         check_tokenizer(self.tokenizer, self.model_cfg.vocab_size, setup.tokenizer_dir(c.model))
         self.stop_ids, self.pad_id = setup.special_ids(self.tokenizer, self.model_cfg)
         self.encoder = PromptEncoder(self.tokenizer, c.data.prompt_format, c.data.max_prompt_len)
         self.examples, self.iterator = self._load_data()
         self.optimizer = make_optimizer(c.optim, total_updates)
-        self.update_step = TrainStep(self.model_cfg, step_config, self.optimizer, self.mesh,
+        self.update_step = TrainStep(self.model_cfg, step_config, self.optimizer, self.mesh, rules=self.rules,
                                      cache_key=(c.optim, total_updates), specs=self._param_specs())
         self._init_extra(params)
         self.state = init_state(params, self.optimizer, self.update_step.state_shardings)
@@ -119,7 +120,7 @@ class BaseTrainer:
     def _load_model(self) -> tuple[Any, Any]:
         """(model config, parameters on the mesh): the policy of ``config.model`` by default
         (the PRM trainer loads a PRM directory or converts a policy)."""
-        return setup.load_policy(self.config.model, self.mesh)
+        return setup.load_policy(self.config.model, self.mesh, self.rules)
 
     def _param_specs(self) -> Any:
         """The parameters' `ParamSpec` tree when they are not the decoder's own (None: they are)."""

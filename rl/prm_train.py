@@ -135,8 +135,8 @@ class PrmTrainer(BaseTrainer):
         from models.prm import check_matches_policy, load_prm, value_head_from_lm
 
         c = self.config
-        # the same (default) sharding rules as the policy trainers' state (rl.base_trainer)
-        prm = load_prm(c.model.path, head=self._found_head, mesh=self.mesh, param_dtype=c.model.param_dtype,
+        # the config's sharding rules, like the policy trainers' state (rl.base_trainer)
+        prm = load_prm(c.model.path, head=self._found_head, mesh=self.mesh, rules=self.rules, param_dtype=c.model.param_dtype,
                        compute_dtype=c.model.compute_dtype)
         check_matches_policy(prm, self.tokenizer, c.model.tokenizer or c.model.path)
         if prm.candidates != self.candidates:

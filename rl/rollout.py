@@ -119,11 +119,12 @@ class Rollout:
 def sample_rollout(params, cfg: ModelConfig, encoder: PromptEncoder, examples: Sequence[Example], *,
                    key: jax.Array, num_generations: int, max_new_tokens: int, temperature: float,
                    top_p: float, top_k: int, ignore_stop: bool, stop_ids: Sequence[int],
-                   pad_id: int) -> Rollout:
-    """Sample G completions per example; returns device rows without waiting for them."""
+                   pad_id: int, rules=None) -> Rollout:
+    """Sample G completions per example; returns device rows without waiting for them.
+    `rules` (`jaxsql.sharding.ShardingRules`, None: the defaults) place the rows."""
     prompts = [encoder(ex) for ex in examples]
     out = generate(params, cfg, prompts, key=key, max_new_tokens=max_new_tokens,
                    num_samples=num_generations, temperature=temperature, top_p=top_p, top_k=top_k,
-                   stop_ids=tuple(stop_ids), ignore_stop=ignore_stop, pad_id=pad_id)
+                   stop_ids=tuple(stop_ids), ignore_stop=ignore_stop, pad_id=pad_id, rules=rules)
     repeated = [ex for ex in examples for _ in range(num_generations)]
     return Rollout(repeated, assemble(out, num_generations), out.tokens, out.lengths)

@@ -118,7 +118,8 @@ class GrpoTrainer(BaseTrainer):
                             num_generations=c.sampling.num_generations,
                             max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature,
                             top_p=c.sampling.top_p, top_k=c.sampling.top_k,
-                            ignore_stop=c.sampling.ignore_stop, stop_ids=self.stop_ids, pad_id=self.pad_id)
+                            ignore_stop=c.sampling.ignore_stop, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                            rules=self.rules)
         # this process's samples (its prompts' rows) travel to the host for scoring
         tokens, lengths = distributed.local_rows(ro.tokens_NC), distributed.local_rows(ro.lengths_N)
         t_rollout = time.perf_counter() - t0

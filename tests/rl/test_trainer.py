@@ -143,6 +143,31 @@ def test_close_releases_what_the_trainer_acquired(tiny_env, tmp_path):
         mine.close()
 
 
+def test_mesh_rules_from_the_config_place_the_state(tiny_env, tmp_path):
+    """mesh.rules / mesh.rule_overrides decide where the trainer's parameters and optimizer
+    state live (not only whether they fit)."""
+
+    def axes(rules, mesh=(1, 4, 2), **extra):
+        shape = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))
+        cfg = _cfg(tiny_env, tmp_path / f"{rules}{len(extra)}", **{**shape, "mesh.rules": rules, **extra})
+        with GrpoTrainer(cfg) as t:
+            assert t.rules == cfg.mesh.sharding_rules()
+            named = {}
+            for path, leaf in jax.tree_util.tree_leaves_with_path(t.state["params"]):
+                spec = leaf.sharding.spec
+                named[jax.tree_util.keystr(path)] = {a for d in spec if d for a in ((d,) if isinstance(d, str) else d)}
+            return named
+
+    dp = axes("dp", mesh=(2, 1, 1))
+    assert all(not used for used in dp.values())  # pure data parallel: every parameter whole on every device
+    ft = axes("fsdp_tensor")
+    assert any("tensor" in used for used in ft.values()) and any("fsdp" in used for used in ft.values())
+    embed = [k for k in ft if "embed" in k.lower()]
+    assert embed and all("tensor" in ft[k] for k in embed)  # the vocabulary over tensor by default ...
+    no_vocab = axes("fsdp_tensor", **{"mesh.rule_overrides": "{vocab: null}"})
+    assert all("tensor" not in no_vocab[k] for k in embed)  # ... and replicated when overridden
+
+
 def test_refuses_existing_run_without_resume(tiny_env, uninterrupted):
     from jaxsql.errors import JaxsqlError
 
