@@ -91,7 +91,8 @@ def test_bench_generate_compare_hf(tiny_dir, capsys):
                                 **flops.generate_flops(cfg, 2, 1, 8, 4)}
     assert r["peak_flops_per_s"] > 0 and r["peak_bytes_per_s"] > 0 and r["attention"] == "xla"
     assert r["mfu"] == round(r["model_flops"]["total"] / r["jaxsql_seconds"] / r["peak_flops_per_s"], 4)
-    assert 0 < r["prefill_seconds"] < r["jaxsql_seconds"] and r["decode_mfu"] > 0
+    # prefill is timed in calls of its own: on a loaded machine it may exceed the whole call's time
+    assert r["prefill_seconds"] > 0 and r["decode_mfu"] > 0
     assert r["decode_bytes"] == flops.decode_bytes(cfg, 2, 8, 4, 4, 4)
     assert r["decode_bandwidth_fraction"] > 0
 
