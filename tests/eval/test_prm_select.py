@@ -195,3 +195,67 @@ def test_beam_search_matches_brute_force(env):
         assert res.kept == tuple(kept)
         assert len(res.kept) >= 2 and res.candidates > expand  # the search went past the first step
         assert res.best.text == max(res.kept[-1], key=lambda t: (finished(seqs[t]), agg(t)))
+
+
+# --- a real PRM and the CLI ---------------------------------------------------------------------
+
+
+def test_prm_step_scorer_equals_prm_score(env):
+    """The scorer the selectors use gives `score_completions`' step scores (a causal LM read as an lm PRM)."""
+    from jaxsql.cocte import execute_completions
+    from models.prm import load_prm
+    from rl.prm_score import score_completions
+    from rl.prm_search import prm_step_scorer
+    from rl.rollout import PromptEncoder
+
+    prm = load_prm(env["model"])
+    exs = env["bench"].dev[:3]
+    table = exs[0].gold_sql.split(" FROM ")[1].split()[0]
+    comps = [f"WITH a AS (SELECT * FROM {table})\n\nSELECT COUNT(*) FROM a", exs[1].gold_sql, "not sql"]
+    enc = PromptEncoder(prm.tokenizer, "cocte", 64)
+    with SqlPool(2, timeout_s=30.0) as pool:
+        ref = score_completions(prm, exs, comps, pool, prompt_ids=enc, max_len=1024)
+        trajs = execute_completions(pool, [(e.db_path, c) for e, c in zip(exs, comps)])
+    got = prm_step_scorer(prm, enc, max_len=1024)(exs, trajs)
+    assert [len(g) for g in got] == [2, 1, 1]
+    np.testing.assert_allclose([x for g in got for x in g], [x for r in ref for x in r.step_scores], atol=1e-6)
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_cli_prm_selection_end_to_end(capsys, tmp_path, env):
+    """`jaxsql eval --model M --prm P --select prm-best-of-n | prm-beam` on the synthetic benchmark
+    (tiny random policy, the policy itself as an lm PRM, the real sandbox); bad combinations are
+    one line."""
+    common = ["eval", "--model", env["model"], "--data", f"synthetic:{env['synthetic']}:dev", "--prompt-format",
+              "cocte", "--max-new-tokens", "12", "--max-prompt-len", "64", "--batch-size", "8", "--devices", "1",
+              "--no-progress", "--prm", env["model"]]
+    assert main([*common, "--out", str(tmp_path / "bon"), "--select", "prm-best-of-n", "--num-samples", "3"]) == 0
+    capsys.readouterr()
+    rows = _rows(tmp_path / "bon")
+    assert len(rows) == 16 and all(r["samples"] == 3 and 0 <= r["selected"] < 3 and 0 <= r["executable"] <= 3
+                                   for r in rows)
+    metrics = json.loads((tmp_path / "bon" / "metrics.json").read_text())
+    assert "ex_set" in metrics["summary"] and metrics["config"]["prm_aggregate"] == "min"
+    assert main([*common, "--out", str(tmp_path / "beam"), "--select", "prm-beam", "--beam-width", "2",
+                 "--beam-expand", "2", "--beam-max-steps", "2", "--prm-aggregate", "last"]) == 0
+    capsys.readouterr()
+    rows = _rows(tmp_path / "beam")
+    assert len(rows) == 16 and all(1 <= r["depth"] <= 2 and r["candidates"] >= 2 for r in rows)
+
+    def refused(*argv):
+        assert main(list(argv)) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        return err[0]
+
+    no_prm = common[:-2] + ["--out", str(tmp_path / "x")]
+    assert "--prm DIR" in refused(*no_prm, "--select", "prm-best-of-n")
+    assert "--prompt-format cocte" in refused(*[a if a != "cocte" else "plain" for a in common],
+                                               "--out", str(tmp_path / "x"), "--select", "prm-beam")
+    assert "only used by" in refused(*common, "--out", str(tmp_path / "x"), "--select", "vote")
+    other = build_env(tmp_path / "other", n_train=8, vocab=500)
+    swapped = common[:-1] + [other["model"]]
+    assert "different tokenizers" in refused(*swapped, "--out", str(tmp_path / "x"), "--select", "prm-best-of-n")
