@@ -115,22 +115,6 @@ def categorical_from_uniform(u_B: jax.Array, logits_BV: jax.Array, block: int = 
     return jnp.minimum(b * block + j, V - 1)
 
 
-def row_uniforms(key: jax.Array, rows: int, group: int, steps: int) -> jax.Array:
-    """[rows, steps] uniforms in [0, 1): entry (r, t) drives step t of row r = sample r % group
-    of prompt r // group, from ``fold_in(fold_in(key, prompt), sample)``.
-
-    A row's randomness depends only on the key, its prompt's position in the
-    global batch and its sample index, so the same rows draw the same tokens
-    however the batch is split over devices and processes.
-    """
-    r = jnp.arange(rows)
-
-    def one(prompt, sample):
-        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, prompt), sample), (steps,))
-
-    return jax.vmap(one)(r // group, r % group)
-
-
 def first_argmax(x_BV: jax.Array) -> jax.Array:
     """Index of each row's largest value, the first one on ties (as `jnp.argmax`).
 
@@ -434,7 +418,10 @@ class DecodeState(NamedTuple):
 
 
 def _row_keys(key: jax.Array, rows: int, group: int) -> jax.Array:
-    """Key data of row r = ``fold_in(fold_in(key, r // group), r % group)`` (as `row_uniforms`)."""
+    """Key data of row r = ``fold_in(fold_in(key, r // group), r % group)``: sample r % group of
+    prompt r // group. A row's randomness depends only on the key, its prompt's position in
+    the global batch and its sample index, so the same rows draw the same tokens however the
+    batch is split over devices and processes."""
     r = jnp.arange(rows)
     keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(key, p), s))(r // group, r % group)
     return jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
