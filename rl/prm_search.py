@@ -127,6 +127,7 @@ class BeamResult:
 
 
 def _row_bucket(n: int) -> int:
+    """Rows of a frontier decode: a power of two >= 8 (few shapes; divides up to 8 batch devices)."""
     return max(8, 1 << (n - 1).bit_length())
 
 
@@ -160,7 +161,10 @@ def beam_search(model: Any, tokenizer: Any, examples: Sequence[Any], prompts: Se
         raise JaxsqlError("beam search: width, expand, max_steps and max_new_tokens must be >= 1")
     eos = {int(i) for i in eos_ids}
     E = len(examples)
-    state = start(model, prompts, key=key, capacity=bucket_length(max_new_tokens))
+    shards = getattr(model, "shards", 1)
+    # filler rows (repeats of the last prompt) so the rows divide over the batch devices; never expanded
+    state = start(model, list(prompts) + [prompts[-1]] * (-E % shards), key=key,
+                  capacity=bucket_length(max_new_tokens))
     beams: list[list[Beam]] = [[Beam(e, (), "", 0.0, row=e)] for e in range(E)]
     kept_texts: list[list[tuple[str, ...]]] = [[] for _ in range(E)]
     seen = [0] * E
@@ -210,7 +214,7 @@ def beam_search(model: Any, tokenizer: Any, examples: Sequence[Any], prompts: Se
             kept_texts[e].append(tuple(b.text for b in ranked))
         if not keep_rows:
             break
-        state = fork(model, st, keep_rows)
+        state = fork(model, st, keep_rows + [keep_rows[-1]] * (-len(keep_rows) % shards))
     out = []
     for e in range(E):
         best = max(beams[e], key=lambda b: (b.finished, *b.rank()))

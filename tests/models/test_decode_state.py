@@ -157,3 +157,22 @@ def test_stop_rule_in_the_loop(qwen2):
     want = [expected(p, f) for p, f in zip(PROMPTS, free)]
     assert n.tolist() == want and got == [f[:k] for f, k in zip(free, want)]
     assert want[1] == 1 and min(want) < 8
+
+
+def test_state_on_a_data_mesh_matches_one_device(hf_dirs):
+    """Parameters on a 2-way data mesh: start / decode / extend / fork give the one-device tokens."""
+    from jaxsql.sharding import make_mesh
+
+    cfg, params = hf_io.load_hf_checkpoint(hf_dirs["qwen2_tied"])
+    _, params_d = hf_io.load_hf_checkpoint(hf_dirs["qwen2_tied"], mesh=make_mesh(2, 1, 1, devices=jax.devices()[:2]))
+    prompts = PROMPTS + [[4, 4, 4]]
+    out = []
+    for p in (params, params_d):
+        model = sampler_model(p, cfg)
+        st = decode(model, start(model, prompts, key=jax.random.key(1)), 3, temperature=0.9, stop_ids=())
+        st = extend(model, st, [[7], [], [8, 9], []])
+        st = decode(model, fork(model, st, [3, 1]), 4, temperature=0.9, stop_ids=())
+        out.append(_rows(st)[0])
+    assert model.shards == 2 and out[0] == out[1]
+    with pytest.raises(Exception, match="do not split"):
+        start(model, PROMPTS, key=jax.random.key(1))
