@@ -7,6 +7,11 @@ one jitted `lax.while_loop` decodes up to `max_new_tokens` tokens with its
 state (cache included) donated so XLA updates it in place. The loop stops
 early once every row has produced a stop token.
 
+The same loop is public as a continuable decoding state (`DecodeState`):
+`start` (prefill), `decode` (up to n tokens, stop ids / `StopRule` / length),
+`extend` (append ragged tokens per row into the cache), `fork` (gather rows),
+`reseed`, `resume` and `tokens`, for step-level search and tool use.
+
 Sampling per step, in the order of transformers' logits warpers:
 stop-token masking (`ignore_stop`), temperature, top-k, top-p (nucleus),
 then a categorical draw; `greedy` takes the argmax instead. Top-p sorts
