@@ -184,14 +184,13 @@ def beam_search(model: Any, tokenizer: Any, examples: Sequence[Any], prompts: Se
         cands: list[Beam] = []
         for i in range(n):
             parent = live[i // expand]
+            seen[parent.example] += 1
             ids = [int(t) for t in toks[i, :int(lens[i])]]
             ended = bool(ids) and ids[-1] in eos or len(ids) >= max_new_tokens
             text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
             mean_lp = float(np.sum(lps[i, :len(ids)]) / max(len(ids), 1))
             cands.append(Beam(parent.example, tuple(ids), text, mean_lp, finished=ended or is_final(text), row=i,
-                              order=seen[parent.example] + i))
-        for e in range(E):
-            seen[e] += n
+                              order=seen[parent.example]))
         trajs = execute_completions(pool, [(examples[c.example].db_path, c.text) for c in cands])
         steps, scores = trajectory_scores([examples[c.example] for c in cands], trajs, scorer, aggregate,
                                           entropies=entropies, tau=tau)

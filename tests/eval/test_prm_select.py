@@ -180,10 +180,11 @@ def test_beam_search_matches_brute_force(env):
             return score[text]
 
         # replay the search over the enumerated tree
-        frontier, done, kept, seqs = [()], [], [], {}
+        frontier, done, kept, seqs, sampled = [()], [], [], {}, 0
         for d in range(1, depth + 1):
             if not frontier:
                 break
+            sampled += expand * len(frontier)
             candidates: dict[str, tuple] = {}
             for seq in done + [c for f in frontier for c in children[f]]:
                 candidates.setdefault(text_of(seq), seq)
@@ -193,7 +194,7 @@ def test_beam_search_matches_brute_force(env):
             done = [candidates[t] for t in best if finished(candidates[t])]
             frontier = [candidates[t] for t in best if not finished(candidates[t])]
         assert res.kept == tuple(kept)
-        assert len(res.kept) >= 2 and res.candidates > expand  # the search went past the first step
+        assert len(res.kept) >= 2 and res.candidates == sampled > expand  # past the first step
         assert res.best.text == max(res.kept[-1], key=lambda t: (finished(seqs[t]), agg(t)))
 
 
