@@ -366,7 +366,8 @@ class ToolRunner:
 
         `segments[i]` is row i's model text since its last observation;
         `finished[i]` says the row stopped (end of sequence or token budget)
-        rather than paused at a closing tag. All calls that may run go to the
+        rather than paused at a closing tag; a call it closed is then not run
+        (the episode ends, ``no_answer``). All calls that may run go to the
         pool as one ``execute_batch``. Returns one `StepOutcome` per row (None
         for skipped rows and episodes already done).
         """
@@ -389,7 +390,8 @@ class ToolRunner:
             elif p.status == "malformed":
                 ep.malformed, ep.end = p.reason, "malformed"
                 out[i] = StepOutcome(p.end, None, True)
-            elif p.status == "none":
+            elif p.status == "none" or fin[i]:
+                # no answer; a call closed as the row stopped (end of sequence, token budget) is not run
                 ep.end = "no_answer"
                 out[i] = StepOutcome(p.end, None, True)
             elif ep.turns >= cfg.max_turns:

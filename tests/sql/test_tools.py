@@ -170,11 +170,12 @@ def test_runner_turn_and_time_budgets(pool, tiny_db):
 
 def test_runner_answer_malformed_and_no_answer(pool, tiny_db):
     runner = ToolRunner(pool)
-    eps = [runner.new_episode(str(tiny_db)) for _ in range(4)]
-    out = runner.step(eps, ["<solution>SELECT 1</solution> extra", "<sql></sql>", "I give up", "<sql>SELECT"],
-                      finished=[False, False, True, True])
-    assert [(o.done, o.observation) for o in out] == [(True, None)] * 4
-    assert [e.end for e in eps] == ["answer", "malformed", "no_answer", "malformed"]
+    eps = [runner.new_episode(str(tiny_db)) for _ in range(5)]
+    out = runner.step(eps, ["<solution>SELECT 1</solution> extra", "<sql></sql>", "I give up", "<sql>SELECT",
+                            "<sql>SELECT 1</sql>"], finished=[False, False, True, True, True])
+    assert [(o.done, o.observation) for o in out] == [(True, None)] * 5
+    assert [e.end for e in eps] == ["answer", "malformed", "no_answer", "malformed", "no_answer"]
+    assert eps[4].turns == 0  # a call closed as the row stopped is not run
     assert eps[0].answer == "SELECT 1" and eps[0].text == "<solution>SELECT 1</solution>"
     assert eps[3].malformed == "unclosed"
 
