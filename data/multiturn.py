@@ -251,23 +251,17 @@ def write_traces(report: TraceReport, path, *, kept_only: bool = True) -> int:
     """Write JSONL, one object per example: the `Example` fields plus ``trace``
     (``reason``, ``segments`` as ``[text, is_observation]`` pairs, ``calls``, ``final_sql``,
     ``detail``); atomically. Returns the count written."""
-    import json
-    from pathlib import Path
+    from data.cocte import write_json_lines
 
-    path = Path(path)
-    lines = []
+    rows = []
     for e, t in report.items:
         if kept_only and not t.kept:
             continue
         d = e.to_dict()
         d["trace"] = {"reason": t.reason, "segments": [[s, o] for s, o in t.segments], "calls": list(t.calls),
                       "final_sql": t.final_sql, "detail": t.detail}
-        lines.append(json.dumps(d, sort_keys=True) + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return len(lines)
+        rows.append(d)
+    return write_json_lines(rows, path)
 
 
 def _sandbox_run(jobs: Sequence[tuple[str, str]]) -> list[ExecResult]:

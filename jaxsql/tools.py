@@ -108,6 +108,11 @@ class ToolConfig:
             v = getattr(self, f)
             require(isinstance(v, int) and v >= lo, n, f, f"must be an int >= {lo}, got {v!r}")
 
+    @property
+    def stop_strings(self) -> tuple[str, str]:
+        """The closing tags at which a decoding row pauses for the host."""
+        return f"</{self.call_tag}>", f"</{self.answer_tag}>"
+
     def call(self, sql: str) -> str:
         """The model text of a tool call."""
         return f"<{self.call_tag}>{sql}</{self.call_tag}>"

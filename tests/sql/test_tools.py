@@ -82,6 +82,9 @@ def test_config_validates_itself():
         ToolConfig(answer_tag="sql")
     with pytest.raises(ConfigError, match="ToolConfig.max_sql_s"):
         ToolConfig(max_sql_s=float("inf"))
+    with pytest.raises(ConfigError, match="ToolConfig.call_tag"):
+        ToolConfig(call_tag="observation")
+    assert ToolConfig(answer_tag="answer").stop_strings == ("</sql>", "</answer>")
 
 
 # -- observations ----------------------------------------------------------------
