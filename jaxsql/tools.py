@@ -203,6 +203,11 @@ def parse_segment(text: str, cfg: ToolConfig = ToolConfig(), *, finished: bool =
 _CELL_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
+def _defuse(s: str) -> str:
+    # a cell or message never contains the observation's own tags: its frame stays unambiguous
+    return s.replace(OBSERVATION_OPEN, "&lt;observation>").replace(OBSERVATION_CLOSE, "&lt;/observation>")
+
+
 def _cell(v: Any, limit: int) -> str:
     if v is None:
         s = "NULL"
@@ -210,12 +215,12 @@ def _cell(v: Any, limit: int) -> str:
         s = repr(v)
     else:
         s = str(v)
-    s = s[: 2 * limit].translate(_CELL_ESCAPES)
+    s = _defuse(s[: 2 * limit]).translate(_CELL_ESCAPES)
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _cut(s: str, limit: int) -> str:
-    s = " ".join(s[: limit + 1].split())
+    s = " ".join(_defuse(s[: limit + 1]).split())
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
@@ -227,7 +232,8 @@ def observation_body(result: ExecResult | None, cfg: ToolConfig = ToolConfig(), 
     rows, one per line (cells joined by `` | ``; NULL for None; each cell cut
     to ``max_cell_chars`` with ``...``; newlines and tabs escaped), then
     ``(N rows)`` or ``(first K of N rows)``; rows stop early when the body
-    would pass ``max_chars``. An error: ``error: <kind>`` (``<kind> (<limit>)``
+    would pass ``max_chars``. The observation tags inside a cell or message
+    are written ``&lt;observation>`` / ``&lt;/observation>``. An error: ``error: <kind>`` (``<kind> (<limit>)``
     when a budget ended it), then the engine's message cut to
     ``4 * max_cell_chars``. A refusal (`REFUSALS`, no result): ``error:
     <refusal>`` then `detail`.
