@@ -161,6 +161,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_vm_steps < 0:
         raise UsageError(f"--max-vm-steps: must be >= 0 (0: no budget), got {args.max_vm_steps}")
     if args.predictions is not None:
+        if args.prm is not None:
+            raise UsageError("--prm: only used with --model (PRM-guided selection of generated samples)")
         return
     if args.select in ("greedy", "prm-beam") and args.n not in (None, 1):
         raise UsageError(f"--n: --select {args.select} takes one sample; use --select vote or prm-best-of-n")

@@ -119,6 +119,7 @@ def hash_scorer(examples, trajectories):
             for t in trajectories]
 
 
+@pytest.mark.slow
 def test_beam_search_matches_brute_force(env):
     """Enumerate every path of `expand` candidates per node to `max_steps` depths with the continuable
     sampler (candidate j at depth d draws from fold_in(fold_in(key, d), j)), score them all, and check
@@ -226,6 +227,7 @@ def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_prm_selection_end_to_end(capsys, tmp_path, env):
     """`jaxsql eval --model M --prm P --select prm-best-of-n | prm-beam` on the synthetic benchmark
     (tiny random policy, the policy itself as an lm PRM, the real sandbox); bad combinations are
@@ -260,3 +262,10 @@ def test_cli_prm_selection_end_to_end(capsys, tmp_path, env):
     other = build_env(tmp_path / "other", n_train=8, vocab=500)
     swapped = common[:-1] + [other["model"]]
     assert "different tokenizers" in refused(*swapped, "--out", str(tmp_path / "x"), "--select", "prm-best-of-n")
+
+
+def test_cli_prm_flags_need_a_model(capsys, tmp_path):
+    assert main(["eval", "--predictions", str(tmp_path / "p.jsonl"), "--data", f"jsonl:{tmp_path / 'd.jsonl'}",
+                 "--prm", str(tmp_path), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prm: only used with --model" in err[0]
