@@ -67,7 +67,7 @@ ARMS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
                    "Think2SQL gated dense reward, no advantage scaling (centred only)"),
     "rewardsql": ("cocte_sft", "cocte", (), "Reward-SQL: CoCTE policy, execution + PRM process reward"),
 }
-SELECTORS = ("greedy", "vote")
+SELECTORS = ("greedy", "vote", "prm-best-of-n")
 STARTS = {"sft": "plain", "cocte_sft": "cocte"}
 
 
@@ -78,7 +78,8 @@ class StudyConfig:
     Attributes:
       seeds: one full repetition per seed (benchmark, initialisation, data order, sampling).
       arms: names of `ARMS` to run.
-      selectors: ``jaxsql eval --select`` strategies every policy is evaluated with.
+      selectors: ``jaxsql eval --select`` strategies every policy is evaluated with (the PRM ones,
+        which score chains of CTEs, the CoCTE policies only; `applies`).
       num_samples: samples per dev question for the sampling selectors (``--n``).
       n_train, n_dev, sft_examples, rl_n_questions: benchmark sizes (as in the demo).
       model: ``(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size)``.
@@ -126,6 +127,11 @@ class StudyConfig:
         require(len(self.model) == 6 and all(v >= 1 for v in self.model), name, "model",
                 "must be (hidden, layers, heads, kv_heads, intermediate, vocab), each >= 1")
         require(self.num_samples >= 2, name, "num_samples", "must be >= 2")
+        from rl.evaluate import SELECTORS as KNOWN
+
+        bad = [s for s in self.selectors if s not in KNOWN]
+        require(not bad and len(self.selectors) >= 1, name, "selectors",
+                f"unknown {bad}; selectors are {sorted(KNOWN)}")
         for f in ("label_questions", "label_k", "label_trajectories", "cocte_new_tokens", "eval_batch"):
             require(getattr(self, f) >= 1, name, f, "must be >= 1")
         require(self.minutes > 0, name, "minutes", "must be > 0")
@@ -327,11 +333,17 @@ def eval_args(d: demo.DemoDir, cfg: StudyConfig, folder: str, fmt: str, select: 
             "--max-new-tokens", str(new_tokens), "--max-prompt-len", str(prompt_len),
             "--batch-size", str(cfg.eval_batch), "--seed", str(d.config.seed), "--out", str(out),
             "--no-progress", "--workers", "2"]
-    if select != "greedy":
+    if select not in ("greedy", "prm-beam"):
         args += ["--n", str(cfg.num_samples)]
     if select.startswith("prm"):
         args += ["--prm", str(d.path("checkpoints", "prm", "hf"))]
     return args
+
+
+def applies(select: str, fmt: str) -> bool:
+    """Whether selector `select` applies to a policy answering in prompt format `fmt`: the PRM
+    selectors score chains of CTEs, so they apply to the CoCTE policies only."""
+    return not select.startswith("prm") or fmt == "cocte"
 
 
 def _evaluate(d: demo.DemoDir, cfg: StudyConfig, say) -> dict[str, Any]:
@@ -343,7 +355,7 @@ def _evaluate(d: demo.DemoDir, cfg: StudyConfig, say) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     for name, folder, fmt in policies(cfg):
-        for select in cfg.selectors:
+        for select in (s for s in cfg.selectors if applies(s, fmt)):
             out = d.path("eval", name, select)
             t0 = time.time()
             with contextlib.redirect_stdout(io.StringIO()):
@@ -377,9 +389,9 @@ def report_rows(state: dict[str, Any], cfg: StudyConfig) -> list[dict[str, Any]]
     """One row per (policy, selector): each metric's per-seed values and the training seconds."""
     phases = state["phases"]
     rows = []
-    for name, _, _ in policies(cfg):
+    for name, _, fmt in policies(cfg):
         phase = {"sft": "base", "cocte_sft": "cocte_sft"}.get(name, f"arm_{name}")
-        for select in cfg.selectors:
+        for select in (s for s in cfg.selectors if applies(s, fmt)):
             per_seed = [phases.get(f"seed{s}/eval", {}).get("results", {}).get(name, {}).get(select, {})
                         for s in cfg.seeds]
             secs = [phases.get(f"seed{s}/{phase}", {}).get("seconds") for s in cfg.seeds]
@@ -431,7 +443,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None:
         for n in names:
             vals = [100 * v for r in rows if r["policy"] == n and r["select"] == select
                     for v in r["ex_set"] if v is not None]
-            m = float(np.mean(vals)) if vals else 0.0
+            m = float(np.mean(vals)) if vals else float("nan")  # nan: no bar (selector does not apply)
             mean.append(m)
             lo.append(m - min(vals) if vals else 0.0)
             hi.append(max(vals) - m if vals else 0.0)

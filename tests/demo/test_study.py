@@ -29,6 +29,8 @@ def test_refuses_a_foreign_directory_and_other_settings(tmp_path, capsys):
 def test_bad_settings_fail_naming_the_field(tmp_path, capsys):
     with pytest.raises(ConfigError, match="StudyConfig.arms"):
         dataclasses.replace(study.smoke_config(), arms=("answers", "nope"))
+    with pytest.raises(ConfigError, match="StudyConfig.selectors"):
+        dataclasses.replace(study.smoke_config(), selectors=("greedy", "best"))
     with pytest.raises(ConfigError, match="StudyConfig.seeds"):
         dataclasses.replace(study.smoke_config(), seeds=(1, 1))
     assert cli_main(["study", "--out", str(tmp_path / "x"), "--arms", "answers,nope"]) == 2
@@ -71,7 +73,7 @@ def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
     for name, folder, fmt in study.policies(cfg):
         assert f"{name}: dev EX (set, greedy)" in printed
         assert (out / "seed0" / "checkpoints" / folder / "hf" / "config.json").is_file()
-        for select in cfg.selectors:
+        for select in (s for s in cfg.selectors if study.applies(s, fmt)):
             m = json.loads((out / "seed0" / "eval" / name / select / "metrics.json").read_text())
             assert m["summary"]["n"] == cfg.n_dev
             got = marker["phases"]["seed0/eval"]["results"][name][select]
@@ -81,6 +83,8 @@ def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
     assert study.arm_config(seed_dir, cfg, "rewardsql").data.prompt_format == "cocte"
     assert study.arm_config(seed_dir, cfg, "dense_batch").data.prompt_format == "plain"
     assert study.arm_config(seed_dir, cfg, "dense_batch").algo.advantage == "batch"
+    assert not (out / "seed0" / "eval" / "answers" / "prm-best-of-n").exists()  # a plain-SQL policy
+    assert (out / "seed0" / "eval" / "rewardsql" / "prm-best-of-n" / "metrics.json").is_file()
     table = (out / "study.md").read_text()
     assert all(f"| {a} |" in table for a in cfg.arms) and (out / "study.png").is_file()
     assert marker["phases"]["seed0/prm_train"]["step"] == 2
