@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from jaxsql.config import load_config, require, to_dict
 from jaxsql.errors import JaxsqlError
+from jaxsql.sql import sandbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +283,49 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SqlSection:
+    """The SQL pool that executes the completions for rewards (`jaxsql.sql.SqlPool`).
+
+    Attributes:
+      workers: worker processes (null: the CPU cores this process may use).
+      timeout_s: wall-clock deadline of one query, seconds, covering its preparation.
+      max_vm_steps: SQLite VM-instruction budget of one query (null: none); a query that
+        uses it up is a ``timeout`` on any machine at any load.
+      max_rows / max_bytes: caps on one result (``too_large`` beyond).
+      max_memory: private memory of each worker process, bytes.
+      cache_size: query-cache entries (0 turns the cache off).
+    """
+
+    workers: int | None = None
+    timeout_s: float = sandbox.DEFAULT_TIMEOUT_S
+    max_vm_steps: int | None = None
+    max_rows: int = sandbox.DEFAULT_MAX_ROWS
+    max_bytes: int = sandbox.DEFAULT_MAX_BYTES
+    max_memory: int = sandbox.DEFAULT_MAX_MEMORY
+    cache_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        import math
+
+        require(self.workers is None or self.workers >= 1, "SqlSection", "workers", "must be >= 1 or null")
+        require(0 < self.timeout_s < math.inf, "SqlSection", "timeout_s", "must be a positive finite number")
+        require(self.max_vm_steps is None or self.max_vm_steps >= 1, "SqlSection", "max_vm_steps",
+                "must be >= 1 or null")
+        require(self.max_rows >= 1, "SqlSection", "max_rows", "must be >= 1")
+        require(self.max_bytes >= 1, "SqlSection", "max_bytes", "must be >= 1")
+        require(self.max_memory >= 128 << 20, "SqlSection", "max_memory", "must be at least 128 MiB (134217728)")
+        require(self.cache_size >= 0, "SqlSection", "cache_size", "must be >= 0")
+
+    def open_pool(self):
+        """A `jaxsql.sql.SqlPool` with these limits (the caller closes it)."""
+        from jaxsql.sql import SqlPool
+
+        return SqlPool(self.workers, timeout_s=self.timeout_s, max_vm_steps=self.max_vm_steps,
+                       max_rows=self.max_rows, max_bytes=self.max_bytes, max_memory=self.max_memory,
+                       cache_size=self.cache_size)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A GRPO run (`jaxsql train`)."""
 
@@ -294,6 +338,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = CheckpointSection()
     mesh: MeshSection = MeshSection()
     reward: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sql: SqlSection = SqlSection()
     steps: int = 100
     seed: int = 0
     log_every: int = 1

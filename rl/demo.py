@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxsql.config import require
+from jaxsql.config import changed_settings, read_saved_settings, require
 from jaxsql.errors import JaxsqlError
 from jaxsql.metrics import clock
 
@@ -166,12 +166,9 @@ class DemoDir:
         if self.root.exists() and not self.root.is_dir():
             raise JaxsqlError(f"--out {self.root}: exists and is not a directory")
         if self.marker.exists():
-            try:
-                state = json.loads(self.marker.read_text())
-            except (json.JSONDecodeError, OSError) as e:
-                raise JaxsqlError(f"{self.marker}: unreadable demo marker ({e}); choose another --out") from None
-            old = state.get("config", {})
-            diff = sorted(k for k, v in self.config.identity().items() if old.get(k) != v)
+            state = read_saved_settings(self.marker, "demo marker")
+            identity = self.config.identity()
+            diff = changed_settings(state.get("config", {}), identity, keys=list(identity))
             if diff:
                 raise JaxsqlError(
                     f"{self.root} holds a demo run with different settings ({', '.join(diff)}); "

@@ -107,9 +107,7 @@ class GrpoTrainer(BaseTrainer):
         self.ref_params = setup.copy_tree(params) if self.config.algo.beta != 0 else None
         self.pool = self._pool_arg
         if self.pool is None:
-            from jaxsql.sql import SqlPool
-
-            self.pool = SqlPool()
+            self.pool = self.config.sql.open_pool()
             self._releases.append(self.pool.close)
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
         self._releases.append(lambda: self._executor.shutdown(wait=True))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from jaxsql.config import changed_settings, read_saved_settings
 from jaxsql.errors import JaxsqlError, UsageError
 
 #: The budget that decides whether a slow query times out in evaluation: SQLite VM instructions,
@@ -193,11 +194,7 @@ def _prepare_out(out: Path, config: dict[str, Any]) -> None:
         if not marker.is_file():
             raise JaxsqlError(f"--out {out}: a non-empty directory that is not a jaxsql eval output; "
                               f"choose another --out")
-        try:
-            previous = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            raise JaxsqlError(f"{marker}: unreadable; choose another --out") from None
-        changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+        changed = changed_settings(read_saved_settings(marker, "jaxsql eval settings"), config)
         if changed:
             raise JaxsqlError(f"--out {out}: holds a run with different settings ({', '.join(changed)}); "
                               f"choose another --out to keep both")

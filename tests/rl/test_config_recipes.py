@@ -50,6 +50,9 @@ def test_recipe_loads(path):
     ("optim.micro_batches=3", "OptimSection.micro_batches"),
     ("data.source=nope", "DataSection.source"),
     ("algo.tis_cap=0.5", "AlgoSection.tis_cap"),
+    ("sql.timeout_s=.inf", "SqlSection.timeout_s"),
+    ("sql.max_memory=1000", "SqlSection.max_memory"),
+    ("sql.workers=0", "SqlSection.workers"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
