@@ -213,3 +213,31 @@ def test_missing_or_foreign_prm_is_one_line(tiny_env, tmp_path, capsys):
     assert _train(tiny_env, tmp_path / "b", other) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different tokenizers" in err[0]
+
+
+def test_per_token_advantages_in_the_loss_and_the_batch():
+    """[B, T] advantages equal to a broadcast [B] give the scalar path's loss; other per-token
+    values weight tokens one by one; grouped micro-batches split them with their rows."""
+    import jax.numpy as jnp
+
+    from rl import algo
+    from rl.batch import Batch
+
+    rng = np.random.default_rng(0)
+    logp, old = (jnp.asarray(rng.normal(size=(4, 5)) * 0.1 - 1.0, jnp.float32) for _ in range(2))
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], jnp.float32)
+    adv = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
+    cfg = algo.PolicyLossConfig(loss_agg="token_mean", beta=0.0)
+    scalar = algo.policy_loss(logp, old, adv, mask, cfg)
+    tokens = algo.policy_loss(logp, old, jnp.broadcast_to(adv[:, None], (4, 5)), mask, cfg)
+    assert float(scalar[0]) == float(tokens[0]) and float(scalar[1]) == float(tokens[1])
+    # at ratio 1 the surrogate is -A per token: the token-mean loss is -mean of the masked A_t
+    per = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    s, d, _ = algo.policy_loss(logp, logp, per, mask, cfg)
+    assert float(s / d) == pytest.approx(-float((per * mask).sum() / mask.sum()), rel=1e-6)
+    b = Batch(prompt_tokens=np.zeros((2, 3), np.int32), prompt_mask=np.ones((2, 3), np.int32),
+              completion_tokens=np.zeros((4, 5), np.int32), completion_mask=np.asarray(mask, np.int32),
+              advantages=np.asarray(per))
+    mb = b.micro_batches(2)
+    assert mb.advantages.shape == (2, 2, 5)
+    np.testing.assert_array_equal(mb.advantages[1], np.asarray(per)[[2, 3]])
