@@ -148,7 +148,7 @@ class GrpoTrainer(BaseTrainer):
         watch = _watch(device) if device else None
         # ... then the host detokenises and the pool executes SQL while the device works.
         texts = decode_completions(self.tokenizer, tokens, lengths, self.stop_ids)
-        fut = self._executor.submit(_Timed, self._score, texts, ro.examples)
+        fut = self._executor.submit(_Timed, self._host_work, texts, ro.examples)
         scored = fut.result()
         local_score, trajs, prm_rows = scored.value
         prm = self._process_scores(prm_rows, trajs, tokens, lengths, texts) if self.prm_scorer else None
@@ -170,24 +170,27 @@ class GrpoTrainer(BaseTrainer):
                 "device_span": dev_span, "prm_span": prm["span"] if prm else None,
                 "prm_hidden": prm["hidden"] if prm else 0.0}
 
-    def _score(self, texts, examples):
-        """This process's completions scored on its own SQL pool (its local databases):
-        (outcome `ScoreBatch`, executed CoCTE trajectories, PRM rows) - the last two None
-        without process rewards."""
-        from jaxsql.rewards import score_batch
-
+    def _host_work(self, texts, examples):
+        """The rewards thread's task: (outcome `ScoreBatch`, executed CoCTE trajectories, PRM
+        rows), the last two None without process rewards."""
         if self.prm_scorer is None:
-            return score_batch(self.pool, texts, examples, self.rewards), None, None
+            return self._score(texts, examples), None, None
         from jaxsql.cocte import execute_completions
         from rl.process import encode_rows
 
         # every step's prefix query first: the final step's query is the completion's SQL,
         # which the outcome reward then finds in the pool's cache
         trajs = execute_completions(self.pool, [(ex.db_path, t) for ex, t in zip(examples, texts)])
-        score = score_batch(self.pool, texts, examples, self.rewards)
+        score = self._score(texts, examples)
         rows = encode_rows(self.prm_scorer.prm, [self.encoder(ex) for ex in examples], trajs,
                            self.process.max_len)
         return score, trajs, rows
+
+    def _score(self, texts, examples):
+        """This process's completions scored on its own SQL pool (its local databases)."""
+        from jaxsql.rewards import score_batch
+
+        return score_batch(self.pool, texts, examples, self.rewards)
 
     def _process_scores(self, rows, trajs, tokens, lengths, texts) -> dict[str, Any]:
         """Dispatch the PRM on this process's rows, place the steps on the completion tokens
