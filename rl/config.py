@@ -70,7 +70,8 @@ class DataSection:
       source: reader name ("synthetic", "jsonl", "spider", ...).
       path: dataset location ("" for the embedded synthetic benchmark).
       split: split name.
-      prompt_format: "plain", "think" or "cocte".
+      prompt_format: "plain", "think", "cocte" or "tool" (multi-turn SQL tool use; SFT only
+        until the multi-turn rollout lands, docs/multiturn.md).
       batch_size: prompts per step (each sampled G times in GRPO).
       shuffle_seed: seed of the deterministic shuffle.
       max_prompt_len: prompts longer than this (tokens) are left-truncated.
@@ -93,8 +94,8 @@ class DataSection:
         require(self.source in sources, "DataSection", "source",
                 f"unknown {self.source!r}; known: {sources}")
         require(self.batch_size >= 1, "DataSection", "batch_size", "must be >= 1")
-        require(self.prompt_format in ("plain", "think", "cocte"), "DataSection", "prompt_format",
-                f"must be plain, think or cocte, got {self.prompt_format!r}")
+        require(self.prompt_format in ("plain", "think", "cocte", "tool"), "DataSection", "prompt_format",
+                f"must be plain, think, cocte or tool, got {self.prompt_format!r}")
         require(self.max_prompt_len >= 8, "DataSection", "max_prompt_len", "must be >= 8")
         require(self.max_target_len >= 1, "DataSection", "max_target_len", "must be >= 1")
 
@@ -349,6 +350,8 @@ class TrainConfig:
         require(bool(self.run_dir), "TrainConfig", "run_dir", "must be set")
         require(self.steps >= 1, "TrainConfig", "steps", "must be >= 1")
         require(self.log_every >= 1, "TrainConfig", "log_every", "must be >= 1")
+        require(self.data.prompt_format != "tool", "DataSection", "prompt_format",
+                "tool (multi-turn) trains with `jaxsql sft` only: the multi-turn GRPO rollout is not built yet")
         n = self.data.batch_size * self.sampling.num_generations
         require(n % self.optim.micro_batches == 0, "OptimSection", "micro_batches",
                 f"must divide batch_size x num_generations = {n}")
