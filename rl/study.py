@@ -114,7 +114,9 @@ class StudyConfig:
     label_k: int = 4
     label_trajectories: int = 4
     prm_overrides: tuple[str, ...] = ()
-    rewardsql_overrides: tuple[str, ...] = ()
+    rewardsql_overrides: tuple[str, ...] = (
+        "reward.weights={execution: 1.0, process: 1.0}", "reward.process.prm={prm}",
+        "reward.process.form=step", "reward.process.advantage=rewardsql", "reward.process.max_len=512")
     eval_batch: int = 100
     minutes: float = 600.0
 

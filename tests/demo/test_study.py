@@ -88,5 +88,10 @@ def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
     table = (out / "study.md").read_text()
     assert all(f"| {a} |" in table for a in cfg.arms) and (out / "study.png").is_file()
     assert marker["phases"]["seed0/prm_train"]["step"] == 2
+    from jaxsql.metrics import read_metrics
+
+    arm_rows = read_metrics(out / "metrics.jsonl", "arm_rewardsql")
+    assert arm_rows and all("reward/process_mean" in r and "time/prm_s" in r for r in arm_rows)
+    assert not any("reward/process_mean" in r for r in read_metrics(out / "metrics.jsonl", "arm_answers"))
     assert cli_main(["study", "--out", str(out), "--smoke"]) == 0
     assert "already complete" in capsys.readouterr().err
