@@ -99,7 +99,10 @@ class BaseTrainer:
         self.encoder = PromptEncoder(self.tokenizer, c.data.prompt_format, c.data.max_prompt_len)
         self.examples, self.iterator = self._load_data()
         self.optimizer = make_optimizer(c.optim, total_updates)
-        self.update_step = TrainStep(self.model_cfg, step_config, self.optimizer, self.mesh, rules=self.rules,
+        # Only the update differentiates: it alone runs under model.remat (the sampler and the
+        # reference model use model_cfg, remat none).
+        self.update_step = TrainStep(self.model_cfg.replace(remat=c.model.remat), step_config, self.optimizer,
+                                     self.mesh, rules=self.rules,
                                      cache_key=(c.optim, total_updates), specs=self._param_specs())
         self._init_extra(params)
         self.state = init_state(params, self.optimizer, self.update_step.state_shardings)
