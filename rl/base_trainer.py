@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxsql.distributed import any_process, from_host, is_lead_process
 from jaxsql.errors import JaxsqlError
 from jaxsql.metrics import MetricsWriter
+from jaxsql.paths import as_path
 from rl import setup
 from rl.batch import TrainBatch
 from rl.loop import Hook, LogMetrics, RunResult, SaveEvery, ShowProgress, StopOnSignal, TrainLoop
@@ -68,7 +69,7 @@ class BaseTrainer:
 
     def __init__(self, config, *, resume: bool, step_config: StepConfig, total_updates: int):
         self.config = c = config
-        self.run_dir = Path(c.run_dir)
+        self.run_dir = as_path(c.run_dir)  # a local Path, or an etils.epath.Path for gs:// (jaxsql.paths)
         self._releases: list[Callable[[], None]] = []
         # Checked and locked before anything is written; only the lead process locks (the
         # other processes of a multi-host run share its directory). A refusal on any process
@@ -189,7 +190,7 @@ class BaseTrainer:
     def export(self, out_dir: str | Path) -> Path:
         """Write the current weights as an HF checkpoint with the run's tokenizer. Every process
         calls it (each tensor is gathered in turn); only the lead process writes."""
-        out_dir = Path(out_dir)
+        out_dir = as_path(out_dir)
         setup.export_policy(out_dir, self.config.model, self.model_cfg, self.state["params"])
         return out_dir
 
