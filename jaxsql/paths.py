@@ -19,6 +19,7 @@ client of our own. `epath` reaches ``gs://`` through `fsspec` (``gcsfs``, the
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Any, Union
 from jaxsql.errors import JaxsqlError
 
 AnyPath = Union[Path, Any]  # pathlib.Path or etils.epath.Path
+_STAGED: set[Path] = set()  # local copies of bucket directories made by this process
 
 
 def is_remote(path: Any) -> bool:
@@ -63,8 +65,9 @@ def _cache_root() -> Path:
 
 def local_dir(path: Any, what: str = "directory") -> Path:
     """A local directory with the files of `path`: `path` itself when local; a remote directory
-    copied (top-level files only, what HF checkpoints and tokenizers hold) into a per-URL cache
-    directory, fetched again on every call so a changed bucket is never read stale."""
+    copied (top-level files only, what HF checkpoints and tokenizers hold) into a directory of
+    this process under `_cache_root` (removed when the process exits), fetched again on every
+    call so a changed bucket is never read stale."""
     if not is_remote(path):
         return Path(path)
     src = as_path(path)
@@ -77,7 +80,10 @@ def local_dir(path: Any, what: str = "directory") -> Path:
     except Exception as e:  # the backend's own errors (permissions, network)
         raise JaxsqlError(f"{what} {path}: cannot list it ({type(e).__name__}: {e})") from None
     key = hashlib.sha256(os.fspath(path).rstrip("/").encode()).hexdigest()[:16]
-    dst = _cache_root() / key
+    dst = _cache_root() / f"{key}-{os.getpid()}"  # per process: processes sharing a host never race
+    if dst not in _STAGED:
+        _STAGED.add(dst)
+        atexit.register(shutil.rmtree, dst, True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(_cache_root())))
     try:
         for f in files:

@@ -76,6 +76,7 @@ def _params(model_dir):
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
+@pytest.mark.slow  # four short SFT runs, three exports and a convert through the emulator
 def test_sft_run_resume_and_export_in_a_bucket(tiny_env, bucket, capsys):
     run = f"{bucket}/runs/sft"
     # the config file in the bucket too
