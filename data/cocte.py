@@ -552,17 +552,25 @@ def chain_target(sql: str) -> str | None:
 def write_jsonl(examples: Sequence[Example], path, *, relative_to=None) -> int:
     """Write examples as JSONL the ``jsonl`` reader reads (db paths relative to `relative_to`
     when given, else as they are); atomically (a temporary file renamed). Returns the count."""
-    import json
     import os
-    from pathlib import Path
 
-    path = Path(path)
-    lines = []
+    rows = []
     for e in examples:
         d = e.to_dict()
         if relative_to is not None:
             d["db_path"] = os.path.relpath(e.db_path, relative_to)
-        lines.append(json.dumps(d, sort_keys=True) + "\n")
+        rows.append(d)
+    return write_json_lines(rows, path)
+
+
+def write_json_lines(rows: Sequence[dict], path) -> int:
+    """Write one JSON object per line (sorted keys), atomically (a temporary file renamed).
+    Returns the count."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    lines = [json.dumps(d, sort_keys=True) + "\n" for d in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")

@@ -10,9 +10,16 @@ Registry `PROMPT_FORMATS` (config string -> `PromptFormat`):
   one reasoning step that can be executed on its own; no tags. The SFT
   target puts one step per blank-line block, the layout `jaxsql.cocte`
   splits and the released Reward-SQL policy writes.
+* ``"tool"`` (multi-turn SQL tool use, `jaxsql.tools`): the model may run
+  queries ``<sql>...</sql>`` and read their results in
+  ``<observation>...</observation>`` before it answers
+  ``<solution>SQL</solution>``. Its SFT target is a trace
+  (`data.multiturn`): segments of model text and observations, the latter
+  masked out of the loss (`PromptFormat.segments`).
 
 What each format asks for is what `jaxsql.extract.extract_sql` reads back:
-the last ``<answer>`` block (think), else the whole text (plain, cocte).
+the last ``<answer>`` block (think), else the whole text (plain, cocte);
+``extract_sql(text, answer_tag="solution")`` for ``tool``.
 
 `render_prompt` puts the instruction in a system message and the schema and
 question in a user message, rendered with the tokenizer's chat template
@@ -40,11 +47,17 @@ from jaxsql.errors import JaxsqlError
 
 @dataclasses.dataclass(frozen=True)
 class PromptFormat:
-    """A format's name, the instruction the model sees, and its SFT target builder."""
+    """A format's name, the instruction the model sees, and its SFT target builder.
+
+    `segments`, for multi-turn formats, gives the target as ``(text,
+    is_observation)`` segments (`target` is then their concatenation); SFT
+    masks the observation segments out of the loss.
+    """
 
     name: str
     instruction: str
     target: Callable[[Example], str]
+    segments: Callable[[Example], list[tuple[str, bool]]] | None = None
 
 
 def _gold(example: Example) -> str:
@@ -122,6 +135,30 @@ def _cocte_target(example: Example) -> str:
     return chain
 
 
+def _tool_segments(example: Example) -> list[tuple[str, bool]]:
+    from data.multiturn import trace_segments
+
+    _gold(example)
+    return trace_segments(example)
+
+
+def _tool_target(example: Example) -> str:
+    return "".join(text for text, _ in _tool_segments(example))
+
+
+def _tool_instruction() -> str:
+    from jaxsql.tools import ToolConfig
+
+    cfg = ToolConfig()
+    return (
+        "Write one SQLite query that answers the question. Before answering you may run read-only queries "
+        f"on the database: write one inside <{cfg.call_tag}></{cfg.call_tag}> and stop; its result comes back "
+        "inside <observation></observation> (the column names, then at most "
+        f"{cfg.max_rows} rows, one per line, cells separated by ' | ', long cells cut), or an error. "
+        f"You may run at most {cfg.max_turns} queries. "
+        f"Give the final query inside <{cfg.answer_tag}></{cfg.answer_tag}>.")
+
+
 PROMPT_FORMATS: dict[str, PromptFormat] = {
     "plain": PromptFormat(
         "plain",
@@ -140,6 +177,7 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
         "WITH step1 AS (...), step2 AS (...) SELECT ... where each step is one CTE. Reply with the SQL only.",
         _cocte_target,
     ),
+    "tool": PromptFormat("tool", _tool_instruction(), _tool_target, _tool_segments),
 }
 
 

@@ -226,6 +226,25 @@ def _changes(old: dict[str, str], new: dict[str, str]) -> str:
     return shown + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
 
 
+def _existing_dirs(root: Path) -> set[Path]:
+    """Every directory under `root` (and `root` itself) that exists now."""
+    if not root.is_dir():
+        return set()
+    return {root, *(p for p in root.rglob("*") if p.is_dir())}
+
+
+def _remove_empty_dirs(root: Path, keep: set[Path]) -> None:
+    """Remove the directories under `root` that are not in `keep` and hold no file (deepest first)."""
+    if not root.is_dir():
+        return
+    for d in sorted((p for p in [root, *root.rglob("*")] if p.is_dir() and p not in keep),
+                    key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()  # only succeeds when empty: a file someone else put there is kept
+        except OSError:
+            pass
+
+
 def build_dataset(source: str, manual_dir: str | Path, data_dir: str | Path, *, config: str | None = None,
                   reader_options: dict[str, Any] | None = None, rebuild: bool = False) -> _ReaderBuilder:
     """Build the ArrayRecord dataset of `source` (or reuse an up-to-date build); returns the prepared builder.
@@ -247,6 +266,7 @@ def build_dataset(source: str, manual_dir: str | Path, data_dir: str | Path, *, 
     kwargs: dict[str, Any] = {"data_dir": str(data_dir), "file_format": "array_record"}
     if config is not None:
         kwargs["config"] = config
+    existed = _existing_dirs(Path(data_dir))
     builder = cls(reader_options=reader_options, **kwargs)
     fingerprint = source_fingerprint(manual, exclude=Path(data_dir))
     record = {"source": source, "manual_dir": str(manual.resolve()), "config": config,
@@ -274,7 +294,11 @@ def build_dataset(source: str, manual_dir: str | Path, data_dir: str | Path, *, 
         shutil.rmtree(version_dir)
         builder = cls(reader_options=reader_options, **kwargs)
     dl_config = tfds.download.DownloadConfig(manual_dir=str(manual))
-    builder.download_and_prepare(download_config=dl_config)
+    try:
+        builder.download_and_prepare(download_config=dl_config)
+    except BaseException:
+        _remove_empty_dirs(Path(data_dir), keep=existed)  # a failed build leaves nothing behind
+        raise
     (version_dir / SOURCE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
     builder.jaxsql_reused = False
     return builder

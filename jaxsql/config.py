@@ -11,6 +11,7 @@ own message saying what to write instead); `apply_overrides` applies
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
-from jaxsql.errors import ConfigError
+from jaxsql.errors import ConfigError, JaxsqlError
 
 T = TypeVar("T")
 
@@ -170,3 +171,30 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
         data = loaded
     data = apply_overrides(data, overrides)
     return from_dict(cls, data)
+
+
+def read_saved_settings(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`, a settings file a resumable command wrote.
+
+    An unreadable file (not JSON, not an object, an OS error) is one
+    `JaxsqlError` naming it as `what` (e.g. "demo marker"), with the advice to
+    choose another output; nothing is overwritten.
+    """
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise JaxsqlError(f"{path}: unreadable {what} ({e}); choose another --out") from None
+    if not isinstance(saved, dict):
+        raise JaxsqlError(f"{path}: unreadable {what} (not a JSON object); choose another --out")
+    return saved
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], *,
+                     keys: Sequence[str] | None = None) -> list[str]:
+    """Sorted names whose value differs between `saved` and `current`.
+
+    `keys` limits the comparison (default: every key either side has, so a
+    setting that appeared or disappeared counts as changed).
+    """
+    names = set(saved) | set(current) if keys is None else set(keys)
+    return sorted(k for k in names if saved.get(k) != current.get(k))

@@ -9,8 +9,11 @@ Rewards named after a paper follow its released code (each docstring names
 the file and commit); ``execution`` is the weak-supervision reward of
 Kulkarni & Srikumar (no code released), ``arctic`` follows the Arctic paper.
 
-The name ``process`` is reserved for the process reward model (Reward-SQL
-PRM step scores); it is not registered yet and a config naming it is refused.
+The name ``process`` is the process reward of Reward-SQL: its weight is the
+``lambda`` of the PRM's contribution and `ProcessConfig` (``reward.process``)
+says which PRM and in which form. It is not a host function: the PRM runs on
+the device inside the GRPO rollout (`rl.process`, docs/rewardsql.md), so
+`score_batch` computes the outcome rewards only and leaves it out.
 """
 
 from __future__ import annotations
@@ -243,7 +246,53 @@ REWARDS: dict[str, RewardFn] = {
     "format": format,
     "arctic": arctic,
 }
-RESERVED = ("process",)
+#: The process reward's name in `RewardConfig.weights` (computed by the trainer, not here).
+PROCESS = "process"
+#: Forms of the process reward: a trajectory score added to the outcome reward, or step rewards on tokens.
+PROCESS_FORMS = ("trajectory", "step")
+#: Step-score aggregations usable in training (`rl.prm_score.AGGREGATIONS` without ``entropy``).
+PROCESS_AGGREGATIONS = ("min", "product", "mean", "last")
+#: Per-token advantages of the ``step`` form (`rl.process.STEP_ADVANTAGES`).
+PROCESS_ADVANTAGES = ("grpo_step", "rewardsql")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessConfig:
+    """The process reward (``reward.process``): Reward-SQL's PRM inside GRPO.
+
+    Its weight ``lambda`` is ``weights.process``. Attributes:
+      prm: a PRM directory (`models.prm.load_prm`: ``jaxsql prm init`` / ``jaxsql prm train``
+        output) whose tokenizer is the policy's; checked when the trainer starts.
+      form: ``trajectory``: ``reward = outcome + lambda * aggregation(step scores)``, one scalar per
+        completion through the configured advantage; ``step``: step rewards on each step's tokens
+        and a per-token advantage (`advantage`).
+      aggregation: the trajectory score (min / product / mean / last); in the ``step`` form it
+        only feeds the logged ``reward/process_mean``.
+      advantage: the ``step`` form's per-token advantage: ``grpo_step`` (the outcome advantage plus
+        lambda times the sum of the group-normalised scores of this and the later steps, after
+        DeepSeekMath's process supervision) or ``rewardsql`` (the released
+        ``compute_grpo_process_advantage_avg_unique``).
+      max_len: longest PRM row in tokens (prompt + steps with results and tags); steps past it
+        get no score.
+    """
+
+    prm: str = ""
+    form: str = "trajectory"
+    aggregation: str = "min"
+    advantage: str = "grpo_step"
+    max_len: int = 1024
+
+    def __post_init__(self) -> None:
+        name = "RewardConfig.process"
+        require(isinstance(self.prm, str) and self.prm.strip() != "", name, "prm",
+                "set the PRM directory (jaxsql prm init / jaxsql prm train output)")
+        require(self.form in PROCESS_FORMS, name, "form", f"must be one of {list(PROCESS_FORMS)}, got {self.form!r}")
+        require(self.aggregation in PROCESS_AGGREGATIONS, name, "aggregation",
+                f"must be one of {list(PROCESS_AGGREGATIONS)}, got {self.aggregation!r}")
+        require(self.advantage in PROCESS_ADVANTAGES, name, "advantage",
+                f"must be one of {list(PROCESS_ADVANTAGES)}, got {self.advantage!r}")
+        require(isinstance(self.max_len, int) and self.max_len >= 16, name, "max_len",
+                f"must be an integer >= 16, got {self.max_len!r}")
 
 
 def _param_names(fn: RewardFn) -> set[str]:
@@ -273,19 +322,26 @@ class RewardConfig:
     empty_result: str = "correct"
     empty_value: float = 0.0
     score_timeout_s: float = DEFAULT_SCORE_TIMEOUT_S
+    process: ProcessConfig | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         require(len(self.weights) > 0, name, "weights", "name at least one reward")
         for reward, w in self.weights.items():
-            require(reward not in RESERVED, name, f"weights.{reward}",
-                    "reserved for the process reward model, which is not implemented yet")
-            require(reward in REWARDS, name, f"weights.{reward}",
-                    f"unknown reward {reward!r}; known rewards are {sorted(REWARDS)}")
+            require(reward in REWARDS or reward == PROCESS, name, f"weights.{reward}",
+                    f"unknown reward {reward!r}; known rewards are {sorted([*REWARDS, PROCESS])}")
             require(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
                     name, f"weights.{reward}", f"must be a finite number, got {w!r}")
+        if PROCESS in self.weights:
+            require(self.process is not None, name, f"weights.{PROCESS}",
+                    "the process reward needs a reward.process section naming its PRM (process.prm)")
+            require(len(self.outcome_weights) > 0, name, "weights",
+                    "the process reward is added to an outcome reward: name one besides process")
+        else:
+            require(self.process is None, name, "process", f"is set but weights.{PROCESS} (its lambda) is not")
         for reward, p in self.params.items():
             require(reward in self.weights, name, f"params.{reward}", "has no weight in weights")
+            require(reward != PROCESS, name, f"params.{reward}", "the process reward's settings go in reward.process")
             unknown = sorted(set(p) - _param_names(REWARDS[reward]))
             require(not unknown, name, f"params.{reward}",
                     f"unknown parameter(s) {unknown}; {reward} takes {sorted(_param_names(REWARDS[reward]))}")
@@ -309,6 +365,16 @@ class RewardConfig:
         object.__setattr__(self, "params", types.MappingProxyType(
             {k: types.MappingProxyType(dict(v)) for k, v in self.params.items()}))
 
+    @property
+    def outcome_weights(self) -> dict[str, float]:
+        """The host rewards' weights (every one but ``process``)."""
+        return {k: v for k, v in self.weights.items() if k != PROCESS}
+
+    @property
+    def process_weight(self) -> float:
+        """``lambda``, the process reward's weight (0 without one)."""
+        return float(self.weights.get(PROCESS, 0.0))
+
     def kwargs(self, reward: str) -> dict[str, Any]:
         """Keyword arguments for `REWARDS[reward]`: the tags where it takes them, then its params."""
         names = _param_names(REWARDS[reward])
@@ -318,8 +384,8 @@ class RewardConfig:
 
 
 def combined_reward(ctx: RewardContext, config: RewardConfig) -> tuple[float, dict[str, float]]:
-    """``(Σ w_i r_i, {name: r_i})`` for one context."""
-    parts = {n: float(REWARDS[n](ctx, **config.kwargs(n))) for n in config.weights}
+    """``(Σ w_i r_i, {name: r_i})`` for one context (the host rewards; ``process`` is the trainer's)."""
+    parts = {n: float(REWARDS[n](ctx, **config.kwargs(n))) for n in config.outcome_weights}
     return sum(config.weights[n] * v for n, v in parts.items()), parts
 
 
@@ -382,7 +448,7 @@ def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[Ex
         golds[i] = g
     deadline = Deadline(config.score_timeout_s if timeout_s is None else timeout_s)
     n = len(completions)
-    components = {name: np.zeros(n, np.float32) for name in config.weights}
+    components = {name: np.zeros(n, np.float32) for name in config.outcome_weights}
     rewards = np.zeros(n, np.float32)
     metrics = []
     match = config.params.get("execution", {}).get("match", "ex_bag_rowfree")

@@ -7,6 +7,11 @@ one jitted `lax.while_loop` decodes up to `max_new_tokens` tokens with its
 state (cache included) donated so XLA updates it in place. The loop stops
 early once every row has produced a stop token.
 
+The same loop is public as a continuable decoding state (`DecodeState`):
+`start` (prefill), `decode` (up to n tokens, stop ids / `StopRule` / length),
+`extend` (append ragged tokens per row into the cache), `fork` (gather rows),
+`reseed`, `resume` and `tokens`, for step-level search and tool use.
+
 Sampling per step, in the order of transformers' logits warpers:
 stop-token masking (`ignore_stop`), temperature, top-k, top-p (nucleus),
 then a categorical draw; `greedy` takes the argmax instead. Top-p sorts
@@ -22,6 +27,7 @@ same tokens, which is the old-policy log-prob GRPO needs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -112,22 +118,6 @@ def categorical_from_uniform(u_B: jax.Array, logits_BV: jax.Array, block: int = 
     inner_cdf = jnp.cumsum(jnp.take_along_axis(p, b[:, None, None], 1)[:, 0], axis=-1) + start[:, None]
     j = jnp.minimum(jnp.sum(inner_cdf < u[:, None], axis=-1), block - 1)
     return jnp.minimum(b * block + j, V - 1)
-
-
-def row_uniforms(key: jax.Array, rows: int, group: int, steps: int) -> jax.Array:
-    """[rows, steps] uniforms in [0, 1): entry (r, t) drives step t of row r = sample r % group
-    of prompt r // group, from ``fold_in(fold_in(key, prompt), sample)``.
-
-    A row's randomness depends only on the key, its prompt's position in the
-    global batch and its sample index, so the same rows draw the same tokens
-    however the batch is split over devices and processes.
-    """
-    r = jnp.arange(rows)
-
-    def one(prompt, sample):
-        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, prompt), sample), (steps,))
-
-    return jax.vmap(one)(r // group, r % group)
 
 
 def first_argmax(x_BV: jax.Array) -> jax.Array:
@@ -230,61 +220,6 @@ def _prefill(params: Params, tokens_NP: jax.Array, mask_NP: jax.Array, cfg: Mode
             _on_rows(rep(tokens_NP), rows), _on_rows(rep(mask_NP), rows))
 
 
-class _LoopState(NamedTuple):
-    step: jax.Array
-    logits_BV: jax.Array
-    tokens_BM: jax.Array
-    logprobs_BM: jax.Array
-    done_B: jax.Array
-    lengths_B: jax.Array
-    positions_B: jax.Array
-    cache: KVCache
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "max_new", "group", "unstack", "rows"),
-                   donate_argnames=("logits_BV", "cache"))
-def _decode(params: Params, logits_BV: jax.Array, cache: KVCache, positions_B: jax.Array, key: jax.Array,
-            cfg: ModelConfig, sp: SamplingParams, max_new: int, group: int, unstack: bool = False,
-            rows: NamedSharding | None = None):
-    B = logits_BV.shape[0]
-    stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
-    check_stop = bool(sp.stop_ids) and not sp.ignore_stop
-    u_BM = None if sp.greedy else row_uniforms(key, B, group, max_new)
-
-    def record(s: _LoopState) -> tuple[_LoopState, jax.Array]:
-        """Sample this step's token from the current logits and write it down."""
-        u_B = jnp.zeros((B,), jnp.float32) if u_BM is None else jax.lax.dynamic_index_in_dim(u_BM, s.step, 1, False)
-        token, logprob = draw_token(s.logits_BV, u_B, sp)
-        token = jnp.where(s.done_B, sp.pad_id, token)
-        logprob = jnp.where(s.done_B, 0.0, logprob)
-        tokens = jax.lax.dynamic_update_slice(s.tokens_BM, token[:, None], (0, s.step))
-        logprobs = jax.lax.dynamic_update_slice(s.logprobs_BM, logprob[:, None], (0, s.step))
-        lengths = s.lengths_B + (~s.done_B).astype(jnp.int32)
-        done = s.done_B | (jnp.isin(token, stop) if check_stop else False)
-        return s._replace(step=s.step + 1, tokens_BM=tokens, logprobs_BM=logprobs, done_B=done,
-                          lengths_B=lengths), token
-
-    def cond(s: _LoopState):
-        return (s.step < max_new - 1) & ~jnp.all(s.done_B)
-
-    def body(s: _LoopState) -> _LoopState:
-        s, token = record(s)
-        logits, cache = forward(params, token[:, None], s.positions_B[:, None], cfg,
-                                mask_BT=jnp.ones((B, 1), jnp.bool_), cache=s.cache)
-        return s._replace(logits_BV=logits[:, 0], positions_B=s.positions_B + 1, cache=cache)
-
-    r = functools.partial(_on_rows, rows=rows)
-    init = _LoopState(jnp.zeros((), jnp.int32), r(logits_BV), r(jnp.full((B, max_new), sp.pad_id, jnp.int32)),
-                      r(jnp.zeros((B, max_new), jnp.float32)), r(jnp.zeros((B,), jnp.bool_)),
-                      r(jnp.zeros((B,), jnp.int32)), r(positions_B), _cache_on_rows(cache, rows, unstack))
-    out = jax.lax.while_loop(cond, body, init)
-    # The last token needs no forward pass; if every row stopped early, the write below is
-    # padding at a column that is already padding.
-    out, _ = record(out._replace(step=jnp.minimum(out.step, max_new - 1)))
-    # The final logits and cache are returned so the donated input buffers can be aliased to them.
-    return r(out.tokens_BM), r(out.logprobs_BM), r(out.lengths_B), out.logits_BV, out.cache
-
-
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, key: jax.Array,
              max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, greedy: bool = False, stop_ids: Sequence[int] | None = None,
@@ -326,15 +261,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         raise JaxsqlError("generate: every prompt needs at least one token")
     if max_new_tokens < 1 or num_samples < 1:
         raise JaxsqlError("generate: max_new_tokens and num_samples must be >= 1")
-    if not greedy and temperature <= 0:
-        raise JaxsqlError(f"generate: temperature must be > 0 (got {temperature}); use greedy=True for argmax")
-    if not 0.0 < top_p <= 1.0:
-        raise JaxsqlError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 or top_k > cfg.vocab_size:
-        raise JaxsqlError(f"generate: top_k must be in [0, vocab_size], got {top_k}")
-    stop = tuple(int(s) for s in (cfg.eos_token_ids if stop_ids is None else stop_ids))
-    pad = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
-    sp = SamplingParams(float(temperature), float(top_p), int(top_k), bool(greedy), stop, bool(ignore_stop), pad)
+    sp = _sampling_params(cfg, temperature, top_p, top_k, greedy, stop_ids, ignore_stop, pad_id)
+    pad = sp.pad_id
 
     N = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -367,13 +295,418 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         run_cfg = cfg.replace(tie_word_embeddings=False)  # the embedding's transpose is now lm_head
     logits, cache, prompt_tokens, prompt_mask = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples,
                                                          P + max_new_tokens, unstack, rows_sharding)
-    positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    tokens, logprobs, lengths, _, _ = _decode(params, logits, cache, positions, key, run_cfg, sp, max_new_tokens,
-                                              num_samples, unstack, rows_sharding)
+    state = _initial_state(logits, cache, prompt_tokens, prompt_mask, key, num_samples, max_new_tokens, pad,
+                           rows_sharding)
+    state = _decode_loop(params, state, jnp.int32(max_new_tokens), jnp.int32(np.iinfo(np.int32).max), None,
+                         run_cfg, sp, False, unstack, rows_sharding)
+    tokens, logprobs, lengths = state.tokens_BM, state.logprobs_BM, state.lengths_B
     out = SampleOutput(tokens, logprobs, lengths, prompt_tokens, prompt_mask)
     if filler:
         out = SampleOutput(*(a[:N * num_samples] for a in out))
     return out
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The continuable sampler: a decoding state that can be stopped, extended, forked and resumed.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplerModel:
+    """The parameters in the layout the decode loop reads, with the config that goes with them.
+
+    Made once by `sampler_model` and passed to `start` / `decode` / `extend`, so a
+    multi-call decode (beam search, tool calls) converts the weights once, not per call.
+    `rows` is the sharding of the row arrays (None off a mesh).
+    """
+
+    params: Params
+    cfg: ModelConfig
+    unstack: bool
+    pad_id: int
+    rows: NamedSharding | None = None
+    shards: int = 1
+
+
+def sampler_model(params: Params, cfg: ModelConfig, *, unstack: bool | None = None, pad_id: int | None = None,
+                  rules: ShardingRules | None = None) -> SamplerModel:
+    """`params` in the sampler's layout (`_cpu_layout` when `unstack`, default: on the CPU
+    backend only; a copy that lives as long as the returned object). `pad_id` defaults to
+    the config's pad id (0 if it has none). On a mesh the rows are split over its batch
+    axes as in `generate` (one process)."""
+    if unstack is None:
+        unstack = jax.default_backend() == "cpu"
+    pad = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+    rows, shards = batch_sharding(params, rules)
+    if unstack:
+        return SamplerModel(_cpu_layout(params, cfg), cfg.replace(tie_word_embeddings=False), True, pad, rows, shards)
+    return SamplerModel(params, cfg, False, pad, rows, shards)
+
+
+class StopRule(NamedTuple):
+    """Token-level stop conditions that run inside the jitted loop.
+
+    A row stops after sampling token t when ``ids_V[t]``, or when for some pair p the
+    previous token of the row (prompt, appended or sampled) is in ``after_PV[p]`` and t
+    is in ``before_PV[p]``. `stop_rule` builds one from stop strings: that finds every
+    occurrence that lies inside one token or spans two adjacent tokens.
+    """
+
+    ids_V: jax.Array
+    after_PV: jax.Array
+    before_PV: jax.Array
+
+
+def stop_rule(tokenizer: Any, strings: Sequence[str], vocab_size: int, ids: Sequence[int] = ()) -> StopRule:
+    """A `StopRule` for stop `strings` (and plain stop token `ids`) over the tokenizer's vocabulary.
+
+    Each token is decoded on its own once (`tokenizer.decode([i])`); a token whose text
+    contains a stop string stops by itself, and for each split ``s = a + b`` of a stop
+    string a token ending in `a` followed by one starting with `b` stops the row too.
+    Occurrences that span three or more tokens (possible only through tokens whose text
+    is shorter than the split parts) are not found.
+    """
+    n = min(vocab_size, len(tokenizer))
+    texts = [tokenizer.decode([i]) for i in range(n)] + [""] * (vocab_size - n)
+    ids_V = np.zeros(vocab_size, np.bool_)
+    ids_V[[int(i) for i in ids]] = True
+    after, before = [], []
+    for s in strings:
+        if not s:
+            raise JaxsqlError("stop_rule: empty stop string")
+        ids_V |= np.fromiter((s in t for t in texts), np.bool_, vocab_size)
+        for k in range(1, len(s)):
+            a, b = s[:k], s[k:]
+            after.append(np.fromiter((t.endswith(a) for t in texts), np.bool_, vocab_size))
+            before.append(np.fromiter((t.startswith(b) for t in texts), np.bool_, vocab_size))
+    if not after:
+        after = before = [np.zeros(vocab_size, np.bool_)]
+    return StopRule(jnp.asarray(ids_V), jnp.asarray(np.stack(after)), jnp.asarray(np.stack(before)))
+
+
+class DecodeState(NamedTuple):
+    """Everything needed to continue decoding B rows (a pytree; row r is row r of every array).
+
+    Attributes:
+      cache: the KV cache; every real token of every row (prompt, appended, sampled and
+        fed) has its slot, pads and slots of rows that were done are masked out.
+      logits_BV: float32 next-token logits of each row (after all its tokens).
+      positions_B: real tokens of each row so far (the rotary position of the next one).
+      last_B: each row's last real token (for `StopRule` pairs).
+      done_B: rows that stopped (stop token / rule, length limit); `decode` leaves them
+        alone until `extend` appends to them or `resume` clears the flag.
+      tokens_BM: the continuation after the prompt: sampled and appended tokens in order,
+        pad after ``lengths_B``.
+      logprobs_BM: each sampled token's model log-prob at the sampling temperature (0 for
+        appended tokens and padding).
+      sampled_BM: True where the token was sampled (False: appended by `extend`, or pad).
+      lengths_B: entries of `tokens_BM` in use per row.
+      keys_BK: each row's random key data; draw d of the row is
+        ``uniform(wrap_key_data(key), (n,))[d]`` for any n > d (jax's partitionable threefry).
+      draws_B: uniforms the row has consumed under its key (the position in its stream).
+      prompt_tokens_BP, prompt_mask_BP: the left-padded prompts.
+    """
+
+    cache: KVCache
+    logits_BV: jax.Array
+    positions_B: jax.Array
+    last_B: jax.Array
+    done_B: jax.Array
+    tokens_BM: jax.Array
+    logprobs_BM: jax.Array
+    sampled_BM: jax.Array
+    lengths_B: jax.Array
+    keys_BK: jax.Array
+    draws_B: jax.Array
+    prompt_tokens_BP: jax.Array
+    prompt_mask_BP: jax.Array
+
+
+def _row_keys(key: jax.Array, rows: int, group: int) -> jax.Array:
+    """Key data of row r = ``fold_in(fold_in(key, r // group), r % group)``: sample r % group of
+    prompt r // group. A row's randomness depends only on the key, its prompt's position in
+    the global batch and its sample index, so the same rows draw the same tokens however the
+    batch is split over devices and processes."""
+    r = jnp.arange(rows)
+    keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(key, p), s))(r // group, r % group)
+    return jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+
+
+@functools.partial(jax.jit, static_argnames=("group", "capacity", "pad_id", "rows"))
+def _initial_state(logits_BV: jax.Array, cache: KVCache, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                   key: jax.Array, group: int, capacity: int, pad_id: int,
+                   rows: NamedSharding | None = None) -> DecodeState:
+    B = logits_BV.shape[0]
+    r = functools.partial(_on_rows, rows=rows)
+    positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    last = prompt_tokens[:, -1]  # left padding: the last column is every row's last prompt token
+    return DecodeState(cache, logits_BV, positions, last, r(jnp.zeros((B,), jnp.bool_)),
+                       r(jnp.full((B, capacity), pad_id, jnp.int32)), r(jnp.zeros((B, capacity), jnp.float32)),
+                       r(jnp.zeros((B, capacity), jnp.bool_)), r(jnp.zeros((B,), jnp.int32)),
+                       r(_row_keys(key, B, group)), r(jnp.zeros((B,), jnp.int32)), prompt_tokens, prompt_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "feed_last", "unstack", "rows"),
+                   donate_argnames=("state",))
+def _decode_loop(params: Params, state: DecodeState, steps: jax.Array, max_length: jax.Array,
+                 rule: StopRule | None, cfg: ModelConfig, sp: SamplingParams, feed_last: bool = True,
+                 unstack: bool = False, rows: NamedSharding | None = None) -> DecodeState:
+    """The one decode loop: up to `steps` tokens per row that is not done.
+
+    Each iteration samples one token for every row from its logits; rows that were done
+    before it keep their arrays and feed a masked-out slot. With `feed_last` every sampled
+    token is fed to the model (the cache and logits then cover it: a continuable state);
+    without, the last iteration skips its forward pass (`generate`'s single shot), leaving
+    the final state's cache one token short.
+    """
+    B, M = state.tokens_BM.shape
+    stop = jnp.asarray(sp.stop_ids or (-1,), jnp.int32)
+    check_stop = bool(sp.stop_ids) and not sp.ignore_stop
+    keys = jax.random.wrap_key_data(state.keys_BK)
+    # Draw d of row r is uniform(key_r, (M,))[d]: the same value for any M > d (partitionable threefry).
+    u_BM = None if sp.greedy else jax.vmap(lambda k: jax.random.uniform(k, (M,)))(keys)
+    row_ids = jnp.arange(B)
+
+    def record(s: DecodeState) -> tuple[DecodeState, jax.Array, jax.Array]:
+        """Sample this step's token from the current logits and write it down."""
+        if u_BM is None:
+            u_B = jnp.zeros((B,), jnp.float32)
+        else:
+            u_B = jnp.take_along_axis(u_BM, jnp.minimum(s.draws_B, M - 1)[:, None], axis=1)[:, 0]
+        token, logprob = draw_token(s.logits_BV, u_B, sp)
+        live = ~s.done_B
+        col = jnp.where(live, s.lengths_B, M)  # out of range: dropped
+        tokens = s.tokens_BM.at[row_ids, col].set(token, mode="drop")
+        logprobs = s.logprobs_BM.at[row_ids, col].set(logprob, mode="drop")
+        sampled = s.sampled_BM.at[row_ids, col].set(True, mode="drop")
+        lengths = s.lengths_B + live.astype(jnp.int32)
+        ends = jnp.zeros((B,), jnp.bool_)
+        if check_stop:
+            ends = ends | jnp.isin(token, stop)
+        if rule is not None:
+            pair = jnp.any(rule.after_PV[:, s.last_B].T & rule.before_PV[:, token].T, axis=-1)
+            ends = ends | rule.ids_V[token] | pair
+        done = s.done_B | (live & (ends | (lengths >= max_length)))
+        s = s._replace(tokens_BM=tokens, logprobs_BM=logprobs, sampled_BM=sampled, lengths_B=lengths, done_B=done,
+                       draws_B=s.draws_B + live.astype(jnp.int32), last_B=jnp.where(live, token, s.last_B))
+        return s, token, live
+
+    def feed(s: DecodeState, token: jax.Array, live: jax.Array) -> DecodeState:
+        logits, cache = forward(params, token[:, None], s.positions_B[:, None], cfg, mask_BT=live[:, None],
+                                cache=s.cache)
+        return s._replace(logits_BV=jnp.where(live[:, None], logits[:, 0], s.logits_BV),
+                          positions_B=s.positions_B + live.astype(jnp.int32), cache=cache)
+
+    last_fed = steps if feed_last else steps - 1
+
+    def cond(c):
+        i, s = c
+        return (i < last_fed) & ~jnp.all(s.done_B)
+
+    def body(c):
+        i, s = c
+        s, token, live = record(s)
+        return i + 1, feed(s, token, live)
+
+    r = functools.partial(_on_rows, rows=rows)
+    s = state._replace(logits_BV=r(state.logits_BV), tokens_BM=r(state.tokens_BM), done_B=r(state.done_B),
+                       lengths_B=r(state.lengths_B), cache=_cache_on_rows(state.cache, rows, unstack))
+    i, s = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), s))
+    if not feed_last:
+        # The last token needs no forward pass; when every row stopped early nothing is live
+        # and this writes nothing.
+        s, _, _ = record(s)
+    return s
+
+
+def _ensure_room(state: DecodeState, slots: int, tokens: int, pad_id: int, buckets: Sequence[int]) -> DecodeState:
+    """`state` with room for `slots` more cache slots and `tokens` more continuation tokens per
+    row, growing either to a bucket length (`bucket_length`) when short."""
+    index = int(state.cache.index)
+    need_s = index + slots
+    S = state.cache.mask_BS.shape[1]
+    need_m = int(jnp.max(state.lengths_B)) + tokens
+    M = state.tokens_BM.shape[1]
+    if need_s <= S and need_m <= M:
+        return state
+    return _grow(state, max(S, bucket_length(need_s, buckets)), max(M, bucket_length(need_m, buckets)), pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "capacity", "pad_id"))
+def _grow(state: DecodeState, slots: int, capacity: int, pad_id: int) -> DecodeState:
+    c = state.cache
+    ds = slots - c.mask_BS.shape[1]
+    dm = capacity - state.tokens_BM.shape[1]
+
+    def pad(a, axis, n, value=0):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, n)
+        return jnp.pad(a, widths, constant_values=value)
+
+    k = jax.tree.map(lambda a: pad(a, a.ndim - 1, ds), c.k)
+    v = jax.tree.map(lambda a: pad(a, a.ndim - 2, ds), c.v)
+    return state._replace(cache=KVCache(k, v, pad(c.mask_BS, 1, ds), c.index),
+                          tokens_BM=pad(state.tokens_BM, 1, dm, pad_id),
+                          logprobs_BM=pad(state.logprobs_BM, 1, dm), sampled_BM=pad(state.sampled_BM, 1, dm))
+
+
+def start(model: SamplerModel, prompts: Sequence[Sequence[int]], *, key: jax.Array, num_samples: int = 1,
+          capacity: int | None = None, slots: int | None = None,
+          buckets: Sequence[int] = DEFAULT_BUCKETS) -> DecodeState:
+    """Prefill: a `DecodeState` of ``len(prompts) * num_samples`` rows, row ``n * G + g`` being
+    sample g of prompt n (one prefill per prompt, the cache repeated G times).
+
+    Prompts are left-padded to a bucket length P. `capacity` (continuation tokens) and
+    `slots` (cache slots) default to the smallest bucket and grow in buckets on demand
+    (`decode` / `extend` reallocate when short); giving them avoids regrowing. Row r's
+    random stream is keyed ``fold_in(fold_in(key, n), g)``, as in `generate`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise JaxsqlError("start: give at least one prompt, each with at least one token")
+    if num_samples < 1:
+        raise JaxsqlError("start: num_samples must be >= 1")
+    cfg = model.cfg
+    pad = model.pad_id
+    if len(prompts) % model.shards:
+        raise JaxsqlError(f"start: {len(prompts)} prompts do not split over the {model.shards} devices of the "
+                          f"batch axes; use a multiple of {model.shards}")
+    P = bucket_length(max(len(p) for p in prompts), buckets)
+    capacity = capacity or min(buckets)
+    slots = max(slots or 0, P + capacity)
+    tokens_NP, mask_NP = left_pad(prompts, P, pad)
+    if model.rows is not None:
+        from jaxsql import distributed
+
+        tokens_NP, mask_NP = (distributed.to_global(a, model.rows, a.shape) for a in (tokens_NP, mask_NP))
+    logits, cache, prompt_tokens, prompt_mask = _prefill(model.params, jnp.asarray(tokens_NP), jnp.asarray(mask_NP),
+                                                         cfg, num_samples, slots, model.unstack, model.rows)
+    return _initial_state(logits, cache, prompt_tokens, prompt_mask, key, num_samples, capacity, pad, model.rows)
+
+
+def decode(model: SamplerModel, state: DecodeState, steps: int, *, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, greedy: bool = False, stop_ids: Sequence[int] | None = None,
+           stop: StopRule | None = None, max_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS) -> DecodeState:
+    """Sample up to `steps` tokens for every row that is not done; returns the new state
+    (`state` is donated: do not use it again, `fork` it first to keep it).
+
+    A row stops at a stop token (`stop_ids`, default the config's EOS ids; they are kept
+    as its last token), at the `stop` rule, or once its continuation holds `max_length`
+    tokens; it is then done. Every sampled token is fed to the model, so the returned
+    state continues exactly where an uninterrupted decode would be: same tokens for
+    greedy, and for sampling too (each row draws from its own uniform stream, position
+    ``draws_B``). Cost: the loop runs until every row is done or `steps` iterations, and
+    each iteration is one forward pass of the whole batch: a done row costs its share of
+    that pass (its slot is masked out, its arrays are not touched) but no extra pass.
+    Compiles once per (batch, capacity, cache slots, sampling settings); `steps` and
+    `max_length` are traced values.
+    """
+    sp = _sampling_params(model.cfg, temperature, top_p, top_k, greedy, stop_ids, False, model.pad_id)
+    if steps < 0:
+        raise JaxsqlError(f"decode: steps must be >= 0, got {steps}")
+    state = _ensure_room(state, steps, steps, model.pad_id, buckets)
+    limit = np.int32(max_length if max_length is not None else np.iinfo(np.int32).max)
+    return _decode_loop(model.params, state, jnp.int32(steps), jnp.asarray(limit), stop, model.cfg, sp, True,
+                        model.unstack, model.rows)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "unstack", "rows"))
+def _extend(params: Params, state: DecodeState, block_BE: jax.Array, n_B: jax.Array, cfg: ModelConfig,
+            unstack: bool, rows: NamedSharding | None = None) -> DecodeState:
+    B, E = block_BE.shape
+    M = state.tokens_BM.shape[1]
+    mask_BE = jnp.arange(E)[None, :] >= (E - n_B)[:, None]  # each row's tokens end the block
+    positions_BE = state.positions_B[:, None] + jnp.maximum(jnp.cumsum(mask_BE, axis=1, dtype=jnp.int32) - 1, 0)
+    h, cache = hidden_states(params, block_BE, positions_BE, cfg, mask_BT=mask_BE,
+                             cache=_cache_on_rows(state.cache, rows, unstack), last_only=True)
+    logits_BV = output_logits(params, h, cfg)[:, 0]
+    some = n_B > 0
+    cols = jnp.where(mask_BE, state.lengths_B[:, None] + jnp.arange(E)[None, :] - (E - n_B)[:, None], M)
+    row_ids = jnp.arange(B)[:, None]
+    r = functools.partial(_on_rows, rows=rows)
+    return state._replace(
+        cache=cache, logits_BV=r(jnp.where(some[:, None], logits_BV, state.logits_BV)),
+        positions_B=state.positions_B + n_B, last_B=jnp.where(some, block_BE[:, -1], state.last_B),
+        done_B=state.done_B & ~some, tokens_BM=state.tokens_BM.at[row_ids, cols].set(block_BE, mode="drop"),
+        logprobs_BM=state.logprobs_BM.at[row_ids, cols].set(0.0, mode="drop"),
+        sampled_BM=state.sampled_BM.at[row_ids, cols].set(False, mode="drop"), lengths_B=state.lengths_B + n_B)
+
+
+def extend(model: SamplerModel, state: DecodeState, tokens_per_row: Sequence[Sequence[int]], *,
+           buckets: Sequence[int] = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)) -> DecodeState:
+    """Append tokens to each row (ragged; an empty list appends nothing) and prefill them into
+    the cache; returns the new state.
+
+    The appended tokens are part of the row from then on (``tokens_BM``, with
+    ``sampled_BM`` False and log-prob 0), the next-token logits are those after them, and a
+    row that receives tokens is no longer done. One forward pass over a block of E slots
+    (the longest list, bucketed), each row's tokens right-aligned in it; the rows'
+    positions continue from their own counts, so decoding after `extend` with X equals
+    decoding after a `start` on the prompt followed by X (up to float rounding).
+    """
+    if len(tokens_per_row) != state.done_B.shape[0]:
+        raise JaxsqlError(f"extend: {len(tokens_per_row)} token lists for {state.done_B.shape[0]} rows")
+    longest = max((len(t) for t in tokens_per_row), default=0)
+    if longest == 0:
+        return state
+    E = bucket_length(longest, buckets)
+    state = _ensure_room(state, E, longest, model.pad_id, buckets)
+    block, _ = left_pad(tokens_per_row, E, model.pad_id)
+    n = np.asarray([len(t) for t in tokens_per_row], np.int32)
+    return _extend(model.params, state, jnp.asarray(block), jnp.asarray(n), model.cfg, model.unstack, model.rows)
+
+
+@functools.partial(jax.jit, static_argnames=("unstack",))
+def _fork(state: DecodeState, idx: jax.Array, unstack: bool) -> DecodeState:
+    take = functools.partial(jnp.take, indices=idx, axis=0)
+    take_kv = take if unstack else functools.partial(jnp.take, indices=idx, axis=1)  # stacked [L, B, ...]
+    c = state.cache
+    cache = KVCache(jax.tree.map(take_kv, c.k), jax.tree.map(take_kv, c.v), take(c.mask_BS), c.index)
+    rest = {f: take(getattr(state, f)) for f in DecodeState._fields if f != "cache"}
+    return DecodeState(cache=cache, **rest)
+
+
+def fork(model: SamplerModel, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+    """A new state whose row i is row ``rows[i]`` of `state` (copied, cache included; rows may
+    repeat: beam expansion, best-of-k). `state` stays valid. Copies keep their random keys
+    and stream positions, so they draw the same tokens until `reseed`."""
+    idx = np.asarray(rows, np.int32)
+    if idx.ndim != 1 or len(idx) == 0 or idx.min() < 0 or idx.max() >= state.done_B.shape[0]:
+        raise JaxsqlError(f"fork: row indices must be a non-empty list in [0, {state.done_B.shape[0]})")
+    return _fork(state, jnp.asarray(idx), model.unstack)
+
+
+def reseed(state: DecodeState, key: jax.Array, sample_ids: Sequence[int] | None = None) -> DecodeState:
+    """Give row r the random stream ``fold_in(key, sample_ids[r])`` (default r), from its start."""
+    ids = jnp.arange(state.done_B.shape[0]) if sample_ids is None else jnp.asarray(sample_ids, jnp.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    data = jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+    return state._replace(keys_BK=data.astype(state.keys_BK.dtype), draws_B=jnp.zeros_like(state.draws_B))
+
+
+def resume(state: DecodeState, rows: Sequence[int] | None = None) -> DecodeState:
+    """Clear the done flag of `rows` (default: every row) so that `decode` continues them."""
+    if rows is None:
+        return state._replace(done_B=jnp.zeros_like(state.done_B))
+    return state._replace(done_B=state.done_B.at[jnp.asarray(rows, jnp.int32)].set(False))
+
+
+def tokens(state: DecodeState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [B, M], sampled mask [B, M], lengths [B]) of the continuations, on the host."""
+    t, s, n = jax.device_get((state.tokens_BM, state.sampled_BM, state.lengths_B))
+    return np.asarray(t), np.asarray(s), np.asarray(n)
+
+
+def _sampling_params(cfg: ModelConfig, temperature: float, top_p: float, top_k: int, greedy: bool,
+                     stop_ids: Sequence[int] | None, ignore_stop: bool, pad_id: int | None) -> SamplingParams:
+    if not greedy and temperature <= 0:
+        raise JaxsqlError(f"generate: temperature must be > 0 (got {temperature}); use greedy=True for argmax")
+    if not 0.0 < top_p <= 1.0:
+        raise JaxsqlError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or top_k > cfg.vocab_size:
+        raise JaxsqlError(f"generate: top_k must be in [0, vocab_size], got {top_k}")
+    stop = tuple(int(s) for s in (cfg.eos_token_ids if stop_ids is None else stop_ids))
+    pad = int(pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0))
+    return SamplingParams(float(temperature), float(top_p), int(top_k), bool(greedy), stop, bool(ignore_stop), pad)
 
 
 def batch_sharding(params: Params, rules: ShardingRules | None = None) -> tuple[Any, int]:

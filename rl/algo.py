@@ -205,7 +205,7 @@ def tis_weights(old_logp_BT: Array, sampler_logp_BT: Array, cap: float) -> Array
 def policy_loss(
     logp_BT: Array,
     old_logp_BT: Array,
-    advantages_B: Array,
+    advantages: Array,
     mask_BT: Array,
     cfg: PolicyLossConfig,
     ref_logp_BT: Array | None = None,
@@ -218,13 +218,15 @@ def policy_loss(
         rho = exp(logp - old_logp)
         l   = -w * min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * k3
 
-    with ``w`` the TIS weight (1 without correction). Returns
+    with ``w`` the TIS weight (1 without correction). `advantages` is one per completion
+    ``[B]`` (broadcast over its tokens: the outcome advantage) or one per token ``[B, T]``
+    (process rewards' per-token advantages, `rl.process`). Returns
     ``(loss_sum, denominator, metric_sums)``; `metric_sums` holds *sums* over
     completion tokens (``clipped``, ``kl``, ``ratio``, ``mismatch_abs``) and
     ``tokens`` so micro-batches can be added before dividing.
     """
     m = mask_BT.astype(jnp.float32)
-    adv = advantages_B[:, None].astype(jnp.float32)
+    adv = (advantages[:, None] if advantages.ndim == 1 else advantages).astype(jnp.float32)
     ratio = jnp.exp(logp_BT - old_logp_BT)
     clipped_ratio = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     surrogate = jnp.minimum(ratio * adv, clipped_ratio * adv)

@@ -6,7 +6,8 @@ its G completions after it)::
     prompt_tokens, prompt_mask          [N, P]      left-padded prompts
     completion_tokens, completion_mask  [N*G, C]    right-padded completions, group-major:
                                                     rows g*G .. g*G+G-1 answer prompt g
-    advantages                          [N*G]       per completion (GRPO)
+    advantages                          [N*G] or    per completion (GRPO), or per completion
+                                        [N*G, C]    token (process rewards, `rl.process`)
     old_logp, ref_logp, sampler_logp    [N*G, C]    per completion token (GRPO; optional)
     targets                             [N*G, C]    per-position targets of a loss (e.g. PRM
                                                     step labels; optional)

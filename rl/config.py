@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from jaxsql.config import load_config, require, to_dict
 from jaxsql.errors import JaxsqlError
+from jaxsql.sql import sandbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,8 @@ class DataSection:
       source: reader name ("synthetic", "jsonl", "spider", ...).
       path: dataset location ("" for the embedded synthetic benchmark).
       split: split name.
-      prompt_format: "plain", "think" or "cocte".
+      prompt_format: "plain", "think", "cocte" or "tool" (multi-turn SQL tool use; SFT only
+        until the multi-turn rollout lands, docs/multiturn.md).
       batch_size: prompts per step (each sampled G times in GRPO).
       shuffle_seed: seed of the deterministic shuffle.
       max_prompt_len: prompts longer than this (tokens) are left-truncated.
@@ -103,8 +105,8 @@ class DataSection:
         require(self.source in sources, "DataSection", "source",
                 f"unknown {self.source!r}; known: {sources}")
         require(self.batch_size >= 1, "DataSection", "batch_size", "must be >= 1")
-        require(self.prompt_format in ("plain", "think", "cocte"), "DataSection", "prompt_format",
-                f"must be plain, think or cocte, got {self.prompt_format!r}")
+        require(self.prompt_format in ("plain", "think", "cocte", "tool"), "DataSection", "prompt_format",
+                f"must be plain, think, cocte or tool, got {self.prompt_format!r}")
         require(self.max_prompt_len >= 8, "DataSection", "max_prompt_len", "must be >= 8")
         require(self.max_target_len >= 1, "DataSection", "max_target_len", "must be >= 1")
 
@@ -293,6 +295,49 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SqlSection:
+    """The SQL pool that executes the completions for rewards (`jaxsql.sql.SqlPool`).
+
+    Attributes:
+      workers: worker processes (null: the CPU cores this process may use).
+      timeout_s: wall-clock deadline of one query, seconds, covering its preparation.
+      max_vm_steps: SQLite VM-instruction budget of one query (null: none); a query that
+        uses it up is a ``timeout`` on any machine at any load.
+      max_rows / max_bytes: caps on one result (``too_large`` beyond).
+      max_memory: private memory of each worker process, bytes.
+      cache_size: query-cache entries (0 turns the cache off).
+    """
+
+    workers: int | None = None
+    timeout_s: float = sandbox.DEFAULT_TIMEOUT_S
+    max_vm_steps: int | None = None
+    max_rows: int = sandbox.DEFAULT_MAX_ROWS
+    max_bytes: int = sandbox.DEFAULT_MAX_BYTES
+    max_memory: int = sandbox.DEFAULT_MAX_MEMORY
+    cache_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        import math
+
+        require(self.workers is None or self.workers >= 1, "SqlSection", "workers", "must be >= 1 or null")
+        require(0 < self.timeout_s < math.inf, "SqlSection", "timeout_s", "must be a positive finite number")
+        require(self.max_vm_steps is None or self.max_vm_steps >= 1, "SqlSection", "max_vm_steps",
+                "must be >= 1 or null")
+        require(self.max_rows >= 1, "SqlSection", "max_rows", "must be >= 1")
+        require(self.max_bytes >= 1, "SqlSection", "max_bytes", "must be >= 1")
+        require(self.max_memory >= 128 << 20, "SqlSection", "max_memory", "must be at least 128 MiB (134217728)")
+        require(self.cache_size >= 0, "SqlSection", "cache_size", "must be >= 0")
+
+    def open_pool(self):
+        """A `jaxsql.sql.SqlPool` with these limits (the caller closes it)."""
+        from jaxsql.sql import SqlPool
+
+        return SqlPool(self.workers, timeout_s=self.timeout_s, max_vm_steps=self.max_vm_steps,
+                       max_rows=self.max_rows, max_bytes=self.max_bytes, max_memory=self.max_memory,
+                       cache_size=self.cache_size)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A GRPO run (`jaxsql train`)."""
 
@@ -305,6 +350,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = CheckpointSection()
     mesh: MeshSection = MeshSection()
     reward: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sql: SqlSection = SqlSection()
     steps: int = 100
     seed: int = 0
     log_every: int = 1
@@ -315,6 +361,8 @@ class TrainConfig:
         require(bool(self.run_dir), "TrainConfig", "run_dir", "must be set")
         require(self.steps >= 1, "TrainConfig", "steps", "must be >= 1")
         require(self.log_every >= 1, "TrainConfig", "log_every", "must be >= 1")
+        require(self.data.prompt_format != "tool", "DataSection", "prompt_format",
+                "tool (multi-turn) trains with `jaxsql sft` only: the multi-turn GRPO rollout is not built yet")
         n = self.data.batch_size * self.sampling.num_generations
         require(n % self.optim.micro_batches == 0, "OptimSection", "micro_batches",
                 f"must divide batch_size x num_generations = {n}")

@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxsql.config import require
+from jaxsql.config import changed_settings, read_saved_settings, require
 from jaxsql.errors import JaxsqlError
 from jaxsql.metrics import clock
 
@@ -152,12 +152,19 @@ def smoke_config(seed: int = 0, minutes: float = 3.0) -> DemoConfig:
 
 
 class DemoDir:
-    """The demo's output directory: paths, the marker with phase records, the metrics file."""
+    """The demo's output directory: paths, the marker with phase records, the metrics file.
+
+    A subclass names its own marker file and kind (`rl.study.StudyDir`); the checks are the same:
+    another run's settings or a folder that holds anything else is refused, nothing is written.
+    """
+
+    MARKER = MARKER
+    KIND = "demo"
 
     def __init__(self, out_dir: str | Path, config: DemoConfig):
         self.root = Path(out_dir)
         self.config = config
-        self.marker = self.root / MARKER
+        self.marker = self.root / self.MARKER
         self._check_and_claim()
 
     def _check_and_claim(self) -> None:
@@ -166,25 +173,22 @@ class DemoDir:
         if self.root.exists() and not self.root.is_dir():
             raise JaxsqlError(f"--out {self.root}: exists and is not a directory")
         if self.marker.exists():
-            try:
-                state = json.loads(self.marker.read_text())
-            except (json.JSONDecodeError, OSError) as e:
-                raise JaxsqlError(f"{self.marker}: unreadable demo marker ({e}); choose another --out") from None
-            old = state.get("config", {})
-            diff = sorted(k for k, v in self.config.identity().items() if old.get(k) != v)
+            state = read_saved_settings(self.marker, f"{self.KIND} marker")
+            identity = self.config.identity()
+            diff = changed_settings(state.get("config", {}), identity, keys=list(identity))
             if diff:
                 raise JaxsqlError(
-                    f"{self.root} holds a demo run with different settings ({', '.join(diff)}); "
+                    f"{self.root} holds a {self.KIND} run with different settings ({', '.join(diff)}); "
                     f"rerun with the same options or choose another --out")
             self.state = state
             self._check_writable()  # a demo resumed in a folder it cannot write in fails now, not mid-phase
             return
         if self.root.exists() and any(self.root.iterdir()):
             raise JaxsqlError(
-                f"{self.root} is not empty and holds no {MARKER}: it is not a jaxsql demo directory; "
+                f"{self.root} is not empty and holds no {self.MARKER}: it is not a jaxsql {self.KIND} directory; "
                 f"choose an empty or new --out directory (nothing was written)")
         prepare_output_dir(self.root, "--out")
-        self.state = {"demo": "jaxsql", "config": self.config.identity(), "phases": {}}
+        self.state = {self.KIND: "jaxsql", "config": self.config.identity(), "phases": {}}
         self._check_writable(self._save)
 
     def _check_writable(self, write: Callable[[], Any] | None = None) -> None:
@@ -201,7 +205,7 @@ class DemoDir:
             raise JaxsqlError(f"--out {self.root}: cannot write in it ({e.strerror or e})") from None
 
     def _save(self) -> None:
-        tmp = self.marker.with_name(MARKER + ".tmp")
+        tmp = self.marker.with_name(self.MARKER + ".tmp")
         tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.marker)
 

@@ -71,12 +71,15 @@ def encode_prompts(examples: Sequence[Example], tokenizer: Any, schema: SchemaFn
 # selection strategies
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One sampled completion of an example: its text, SQL, mean token log-prob and, if run, its result."""
+    """One sampled completion of an example: its text, SQL, mean token log-prob, if run its result,
+    and for the PRM strategies whether every CoCTE step executes and its trajectory score."""
 
     completion: str
     sql: str
     logprob: float
     result: ExecResult | None = None
+    executable: bool | None = None
+    score: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +87,11 @@ class SelectionStrategy:
     """How one prediction is chosen among sampled candidates.
 
     ``greedy``: argmax decoding, one candidate. ``needs_results``: candidates
-    are executed before `choose` is called. ``choose(candidates) -> index``.
-    The PRM strategies (best-of-N, step beam) plug in here with their own
-    `choose` (and device-side scoring) in a later issue.
+    are executed before `choose` is called. ``needs_prm``: every candidate's
+    CoCTE steps are executed and scored by a PRM (``executable`` and ``score``
+    filled in) before `choose`. ``search``: the strategy generates its own
+    candidates step by step (``prm-beam``, `rl.prm_search.beam_search`) and
+    `choose` is not used. ``choose(candidates) -> index``.
     """
 
     name: str
@@ -94,6 +99,8 @@ class SelectionStrategy:
     needs_results: bool
     choose: Callable[[Sequence[Candidate]], int]
     description: str
+    needs_prm: bool = False
+    search: bool = False
 
 
 def _result_key(r: ExecResult) -> Any:
@@ -120,12 +127,54 @@ def choose_by_vote(candidates: Sequence[Candidate]) -> int:
     return max(best, key=lambda i: (candidates[i].logprob, -i))
 
 
+def _choose_by_prm(candidates: Sequence[Candidate]) -> int:
+    from rl.prm_search import choose_by_prm
+
+    return choose_by_prm(candidates)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrmGuide:
+    """What the PRM strategies need: a step scorer and how its scores are aggregated.
+
+    Attributes:
+      scorer: a `rl.prm_search.StepScorer` (`prm_step_scorer` of a loaded PRM, or a stub).
+      aggregate: a `rl.prm_score.AGGREGATIONS` name.
+      tau: temperature of the ``entropy`` aggregation.
+      beam_width, beam_expand, beam_max_steps: the ``prm-beam`` settings.
+    """
+
+    scorer: Callable[[Sequence[Any], Sequence[Any]], list[list[float]]]
+    aggregate: str = "min"
+    tau: float = 1.0
+    beam_width: int = 2
+    beam_expand: int = 4
+    beam_max_steps: int = 8
+
+    def __post_init__(self) -> None:
+        from jaxsql.config import require
+        from rl.prm_score import AGGREGATIONS
+
+        require(self.aggregate in AGGREGATIONS, "PrmGuide", "aggregate",
+                f"must be one of {sorted(AGGREGATIONS)}, got {self.aggregate!r}")
+        require(self.tau > 0, "PrmGuide", "tau", f"must be > 0, got {self.tau}")
+        for f in ("beam_width", "beam_expand", "beam_max_steps"):
+            require(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, "PrmGuide", f,
+                    f"must be an integer >= 1, got {getattr(self, f)!r}")
+
+
 SELECTORS: dict[str, SelectionStrategy] = {
     "greedy": SelectionStrategy("greedy", greedy=True, needs_results=False, choose=lambda cands: 0,
                                 description="argmax decoding"),
     "vote": SelectionStrategy("vote", greedy=False, needs_results=True, choose=choose_by_vote,
                               description="self-consistency: sample N, execute, majority result, ties by "
                                           "mean log-prob"),
+    "prm-best-of-n": SelectionStrategy("prm-best-of-n", greedy=False, needs_results=False, choose=_choose_by_prm,
+                                       description="sample N CoCTE completions, drop those that do not execute, "
+                                                   "keep the best PRM trajectory score", needs_prm=True),
+    "prm-beam": SelectionStrategy("prm-beam", greedy=False, needs_results=False, choose=lambda cands: 0,
+                                  description="step-level beam search: expand k next steps per beam, execute, "
+                                              "keep the best b by PRM score", needs_prm=True, search=True),
 }
 
 
@@ -145,7 +194,7 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
              buckets: Sequence[int] | None = None, select: str = "greedy", num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              scoring: ScoringOptions = ScoringOptions(), log: ResultsLog | None = None,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, prm: PrmGuide | None = None) -> EvalResult:
     """Generate a prediction for every example, score it, and summarise.
 
     Args:
@@ -166,6 +215,7 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
       log: a `ResultsLog`: examples already in it are not generated again, new
         rows are appended as each chunk finishes.
       progress: show a progress bar (stderr).
+      prm: the `PrmGuide` of ``prm-best-of-n`` / ``prm-beam`` (which need ``cocte`` prompts).
     """
     import jax
 
@@ -173,8 +223,14 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
     from rl.rollout import decode_completions
 
     strategy = get_selector(select)
-    if strategy.greedy and num_samples != 1:
-        raise JaxsqlError(f"selection {select!r} takes one sample; got num_samples={num_samples}")
+    if (strategy.greedy or strategy.search) and num_samples != 1:
+        raise JaxsqlError(f"selection {select!r} takes num_samples=1; got num_samples={num_samples}")
+    if strategy.needs_prm:
+        if prm is None:
+            raise JaxsqlError(f"selection {select!r} needs a process reward model (--prm DIR)")
+        if prompt_format != "cocte":
+            raise JaxsqlError(f"selection {select!r} scores CoCTE steps: the policy must answer in the cocte "
+                              f"prompt format, got {prompt_format!r}")
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise JaxsqlError("evaluate: num_samples, batch_size and max_new_tokens must be >= 1")
     schema = schema or schema_cache()
@@ -183,15 +239,40 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
         stop.add(int(tokenizer.eos_token_id))
     stop_ids = tuple(sorted(stop))
     chunks = [list(range(s, min(s + batch_size, len(examples)))) for s in range(0, len(examples), batch_size)]
+    prompt_cache: dict[int, list[int]] = {}
+
+    def prompt_of(ex: Example) -> list[int]:
+        if id(ex) not in prompt_cache:
+            prompt_cache[id(ex)] = encode_prompts([ex], tokenizer, schema, prompt_format, max_prompt_len)[0]
+        return prompt_cache[id(ex)]
+
+    entropies = None
+    if prm is not None and prm.aggregate == "entropy":
+        from rl.prm_score import policy_step_entropies
+
+        def entropies(exs, completions, spans):
+            return policy_step_entropies(params, cfg, tokenizer, [prompt_of(e) for e in exs], completions, spans,
+                                         temperature=temperature)
+    searcher = None
+    if strategy.search:
+        from models.sampler import sampler_model
+        from rl.prm_search import boundary_rule
+
+        searcher = (sampler_model(params, cfg), boundary_rule(tokenizer, cfg.vocab_size, stop_ids))
     with ScoringRun(examples, log, progress) as run:
         for k, idx in enumerate(chunks):
             keep = [j for j, i in enumerate(idx) if not run.is_done(examples[i])]
             if not keep:
                 continue
             chunk = [examples[i] for i in idx]
-            prompts = encode_prompts(chunk, tokenizer, schema, prompt_format, max_prompt_len)
-            padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
+            prompts = [prompt_of(ex) for ex in chunk]
             key = jax.random.fold_in(jax.random.PRNGKey(seed), k)
+            if searcher is not None:
+                preds = _beam_predictions(searcher, tokenizer, chunk, prompts, pool, prm, key, max_new_tokens,
+                                          stop_ids, temperature, top_p, entropies)
+                run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
+                continue
+            padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
             out = generate(params, cfg, padded, key=key, max_new_tokens=max_new_tokens, num_samples=num_samples,
                            greedy=strategy.greedy, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
                            buckets=buckets or DEFAULT_BUCKETS)
@@ -199,13 +280,32 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
             texts = decode_completions(tokenizer, tokens, lengths, stop_ids)
             mean_lp = [float(np.sum(logprobs[r, : max(int(lengths[r]), 1)]) / max(int(lengths[r]), 1))
                        for r in range(len(texts))]
-            preds = _select(strategy, pool, chunk, texts, mean_lp, num_samples)
+            preds = _select(strategy, pool, chunk, texts, mean_lp, num_samples, prm, entropies)
             run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
         return run.result()
 
 
+def _beam_predictions(searcher: tuple[Any, Any], tokenizer: Any, chunk: Sequence[Example],
+                      prompts: Sequence[Sequence[int]], pool: Any, prm: PrmGuide, key: Any, max_new_tokens: int,
+                      stop_ids: Sequence[int], temperature: float, top_p: float, entropies: Any) -> list[Prediction]:
+    """``prm-beam``: one `Prediction` per example of the chunk (`rl.prm_search.beam_search`)."""
+    from rl.prm_search import beam_search
+
+    model, boundary = searcher
+    found = beam_search(model, tokenizer, chunk, prompts, pool, prm.scorer, key=key, width=prm.beam_width,
+                        expand=prm.beam_expand, max_steps=prm.beam_max_steps, max_new_tokens=max_new_tokens,
+                        eos_ids=stop_ids, boundary=boundary, aggregate=prm.aggregate, tau=prm.tau,
+                        temperature=temperature, top_p=top_p, entropies=entropies)
+    return [Prediction(sql=extract_sql(r.best.text), completion=r.best.text,
+                       extra={"prm_score": round(r.best.score, 6), "steps": len(r.best.step_scores),
+                              "finished": r.best.finished, "executable": r.best.executable,
+                              "candidates": r.candidates, "depth": len(r.kept)})
+            for r in found]
+
+
 def _select(strategy: SelectionStrategy, pool: Any, chunk: Sequence[Example], texts: Sequence[str],
-            mean_lp: Sequence[float], n: int) -> list[Prediction]:
+            mean_lp: Sequence[float], n: int, prm: PrmGuide | None = None, entropies: Any = None
+            ) -> list[Prediction]:
     """One `Prediction` per example of the chunk from its `n` sampled completions."""
     cands = [[Candidate(texts[e * n + g], extract_sql(texts[e * n + g]), mean_lp[e * n + g]) for g in range(n)]
              for e in range(len(chunk))]
@@ -213,13 +313,38 @@ def _select(strategy: SelectionStrategy, pool: Any, chunk: Sequence[Example], te
         jobs = [(ex.db_path, c.sql) for ex, cs in zip(chunk, cands) for c in cs]
         results = iter(pool.execute_batch(jobs))
         cands = [[dataclasses.replace(c, result=next(results)) for c in cs] for cs in cands]
+    if strategy.needs_prm:
+        cands = _prm_scored(pool, chunk, cands, prm, entropies)
     out = []
     for cs in cands:
         i = strategy.choose(cs)
         extra: dict[str, Any] = {}
         if n > 1:
             keys = [_result_key(c.result) if c.result is not None and c.result.ok else None for c in cs]
-            extra = {"selected": i, "samples": n,
-                     "votes": sum(1 for k in keys if k is not None and k == keys[i])}
+            extra = {"selected": i, "samples": n}
+            if strategy.needs_results:
+                extra["votes"] = sum(1 for k in keys if k is not None and k == keys[i])
+        if strategy.needs_prm:
+            extra.update(executable=sum(1 for c in cs if c.executable),
+                         prm_score=None if cs[i].score is None else round(cs[i].score, 6))
         out.append(Prediction(sql=cs[i].sql, completion=cs[i].completion, extra=extra))
+    return out
+
+
+def _prm_scored(pool: Any, chunk: Sequence[Example], cands: list[list[Candidate]], prm: PrmGuide,
+                entropies: Any) -> list[list[Candidate]]:
+    """Candidates with ``executable`` (every CoCTE step runs: one pool call for the chunk) and,
+    for the executable ones, their PRM trajectory ``score`` (the others are not scored)."""
+    from jaxsql.cocte import execute_completions
+    from rl.prm_search import trajectory_scores
+
+    flat = [(e, g) for e, cs in enumerate(cands) for g in range(len(cs))]
+    trajs = execute_completions(pool, [(chunk[e].db_path, cands[e][g].completion) for e, g in flat])
+    ok = [i for i, t in enumerate(trajs) if t.executable]
+    _, scores = trajectory_scores([chunk[flat[i][0]] for i in ok], [trajs[i] for i in ok], prm.scorer,
+                                  prm.aggregate, entropies=entropies, tau=prm.tau)
+    score_of = dict(zip(ok, scores))
+    out = [list(cs) for cs in cands]
+    for i, (e, g) in enumerate(flat):
+        out[e][g] = dataclasses.replace(out[e][g], executable=i in score_of, score=score_of.get(i))
     return out

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from data.records import Example
-from jaxsql.config import require
+from jaxsql.config import changed_settings, read_saved_settings, require
 from jaxsql.errors import JaxsqlError
 from rl.prm import LabelRecord, StepLabel, record_from_json
 
@@ -207,11 +207,8 @@ def open_label_run(out: str | Path, meta: dict[str, Any]) -> set[str]:
     out = Path(out)
     meta_path = _meta_path(out)
     if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise JaxsqlError(f"{meta_path}: not valid JSON; choose another --out") from None
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        old = read_saved_settings(meta_path, "label settings")
+        diff = changed_settings(old, meta)
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)
             raise JaxsqlError(f"{out} was labelled with other settings ({changes}); choose another --out "

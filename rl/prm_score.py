@@ -163,23 +163,11 @@ def score_completions(prm: Any, examples: Sequence[Any], completions: Sequence[s
       entropies: per completion, the policy's mean token entropy of each step (enables ``entropy``).
       tau: temperature of the entropy weighting.
     """
-    from jaxsql.cocte import execute_completions, trajectory_segments
-    from rl.prm import assemble, encode_row
+    from jaxsql.cocte import execute_completions
 
     trajs = execute_completions(pool, [(ex.db_path, c) for ex, c in zip(examples, completions)])
-    rows = [encode_row(prm.tokenizer, prompt_ids(ex),
-                       trajectory_segments(t, tag=prm.config.step_tag, max_result_chars=prm.config.max_result_chars),
-                       max_len=max_len) for ex, t in zip(examples, trajs)]
-    pad = prm.tokenizer.pad_token_id if prm.tokenizer.pad_token_id is not None else 0
-    step_scores: list[list[float]] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        if not any(r.positions for r in chunk):
-            step_scores += [[] for _ in chunk]
-            continue
-        batch = assemble(chunk, pad_id=pad)
-        out = np.asarray(prm.scores(batch.tokens, batch.mask, batch.positions))
-        step_scores += [[float(x) for x in out[i, :len(r.positions)]] for i, r in enumerate(chunk)]
+    step_scores = score_trajectories(prm, examples, trajs, prompt_ids=prompt_ids, max_len=max_len,
+                                     batch_size=batch_size)
     result = []
     for i, (t, s) in enumerate(zip(trajs, step_scores)):
         ent = None if entropies is None else list(entropies[i])[:len(s)]
@@ -190,6 +178,34 @@ def score_completions(prm: Any, examples: Sequence[Any], completions: Sequence[s
                                        tuple(s), t.executable, t.chain.problems, scores,
                                        None if ent is None else tuple(ent)))
     return result
+
+
+def score_trajectories(prm: Any, examples: Sequence[Any], trajectories: Sequence[Any], *,
+                       prompt_ids: Callable[[Any], Sequence[int]], max_len: int = 2048, batch_size: int = 16
+                       ) -> list[list[float]]:
+    """The PRM's score of every step of executed trajectories (`jaxsql.cocte.Trajectory`).
+
+    Each row is the example's prompt (`prompt_ids`, PRM tokenizer) followed by the steps,
+    their rendered results and step tags (`jaxsql.cocte.trajectory_segments`); steps past
+    `max_len` tokens get no score (the list is shorter). `batch_size` rows per device call.
+    """
+    from jaxsql.cocte import trajectory_segments
+    from rl.prm import assemble, encode_row
+
+    rows = [encode_row(prm.tokenizer, prompt_ids(ex),
+                       trajectory_segments(t, tag=prm.config.step_tag, max_result_chars=prm.config.max_result_chars),
+                       max_len=max_len) for ex, t in zip(examples, trajectories)]
+    pad = prm.tokenizer.pad_token_id if prm.tokenizer.pad_token_id is not None else 0
+    step_scores: list[list[float]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        if not any(r.positions for r in chunk):
+            step_scores += [[] for _ in chunk]
+            continue
+        batch = assemble(chunk, pad_id=pad)
+        out = np.asarray(prm.scores(batch.tokens, batch.mask, batch.positions))
+        step_scores += [[float(x) for x in out[i, :len(r.positions)]] for i, r in enumerate(chunk)]
+    return step_scores
 
 
 def policy_step_entropies(params: Any, cfg: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],

@@ -6,7 +6,9 @@ left-padded prompt, then ``target + EOS`` right-padded; the target is
 rows (`Batch.flat`: with one completion per prompt there is no prompt to
 share). The same jitted, sharded step as GRPO minimises the registered
 ``"sft"`` loss (`rl.losses`): ``-sum_t log p(y_t) / #target tokens`` over the
-batch (token-mean, global across micro-batches). `SftTrainer` is a
+batch (token-mean, global across micro-batches). In a multi-turn format
+(``tool``) the target is a trace (`data.multiturn`): its observation tokens
+are context, not targets: the batch's ``loss_mask`` is 0 on them. `SftTrainer` is a
 `rl.base_trainer.BaseTrainer`: checkpoints, resume, SIGTERM / SIGINT and the
 HF export work as for GRPO; the HF export in ``<run_dir>/hf`` is the GRPO
 run's ``model.path``.
@@ -34,9 +36,22 @@ def sft_batch(examples: Sequence[Example], encoder: PromptEncoder, max_target_le
     """Host arrays of a G = 1 batch: prompts [B, P] (P the bucket length of the longest
     prompt, or of `longest_prompt` when given: the longest over every process's rows, so
     that all processes pad to one width; left-padded) and targets + EOS [B, L]
-    (L = max_target_len, right-padded)."""
+    (L = max_target_len, right-padded). A multi-turn prompt format (one with
+    `data.prompts.PromptFormat.segments`) also sets ``loss_mask`` [B, L]: 1 on the
+    model's tokens and EOS, 0 on observation tokens and padding
+    (`data.multiturn.encode_trace`)."""
+    from data.prompts import get_format
+
     prompts = [encoder(ex) for ex in examples]
-    targets = [encoder.target_ids(ex, max_target_len, eos_id) for ex in examples]
+    segments = get_format(encoder.prompt_format).segments
+    masks = None
+    if segments is None:
+        targets = [encoder.target_ids(ex, max_target_len, eos_id) for ex in examples]
+    else:
+        from data.multiturn import encode_trace
+
+        encoded = [encode_trace(encoder.tokenizer, segments(ex), max_target_len, eos_id) for ex in examples]
+        targets, masks = [t for t, _ in encoded], [m for _, m in encoded]
     longest = max(len(p) for p in prompts)
     if longest_prompt is not None:
         if longest_prompt < longest:
@@ -48,13 +63,16 @@ def sft_batch(examples: Sequence[Example], encoder: PromptEncoder, max_target_le
     prompt_mask = np.zeros((B, P), np.int32)
     completion = np.full((B, L), pad_id, np.int32)
     completion_mask = np.zeros((B, L), np.int32)
+    loss_mask = None if masks is None else np.zeros((B, L), np.int32)
     for i, (p, t) in enumerate(zip(prompts, targets)):
         prompt[i, P - len(p):] = p
         prompt_mask[i, P - len(p):] = 1
         completion[i, :len(t)] = t
         completion_mask[i, :len(t)] = 1
+        if loss_mask is not None:
+            loss_mask[i, :len(t)] = masks[i]
     return Batch(prompt_tokens=prompt, prompt_mask=prompt_mask, completion_tokens=completion,
-                 completion_mask=completion_mask)
+                 completion_mask=completion_mask, loss_mask=loss_mask)
 
 
 class SftTrainer(BaseTrainer):

@@ -5,11 +5,16 @@ One step (see DESIGN.md, "A step of training")::
     grain batch ─► prompts ─► generate (N x G) ─► device rows
       ├─ dispatch: reference log-probs (beta > 0), old log-probs (mu > 1)   [device, async]
       └─ host: detokenise ─► extract SQL ─► SqlPool ─► rewards              [threads]
+    process rewards (``weights.process``): the same host task also runs every step's prefix
+      query and tokenizes the PRM rows ─► PRM step scores                  [device, async]
+      └─ host meanwhile: each step's tokens in the completion
     rewards ─► advantages ─► (DAPO: drop flat groups, refill) ─► mu jitted updates
 
 The device log-prob work is dispatched before the host blocks on the SQL
 pool, so the two overlap; ``time/reward_hidden_s`` reports how much of the
-reward time ran concurrently with it. The updates minimise the registered
+reward time ran concurrently with it; ``time/prm_s`` is the PRM's span from dispatch
+to its scores being ready and ``time/prm_hidden_s`` the part of it the host spent
+placing steps on tokens (`rl.process`). The updates minimise the registered
 ``"grpo"`` loss (`rl.losses`) on a grouped `rl.batch.Batch`.
 
 `GrpoTrainer` is a `rl.base_trainer.BaseTrainer`: the loop (`rl.loop`:
@@ -40,6 +45,7 @@ from rl import algo, setup
 from rl.base_trainer import BaseTrainer
 from rl.batch import Batch
 from rl.config import TrainConfig
+from rl.process import StepScores, completion_step_ends, step_advantages, trajectory_rewards
 from rl.rollout import completion_logprobs, decode_completions, sample_rollout
 from rl.train_step import StepConfig
 
@@ -84,6 +90,8 @@ class GrpoTrainer(BaseTrainer):
     def __init__(self, config: TrainConfig, *, resume: bool = False, pool=None):
         c = config
         self.rewards = reward_config(c)
+        self.process = self.rewards.process  # None without process rewards
+        self.prm_scorer = None
         self._pool_arg = pool
         loss = algo.PolicyLossConfig(loss_agg=c.algo.loss_agg, eps_low=c.algo.eps_low,
                                      eps_high=c.algo.eps_high, beta=c.algo.beta, tis_cap=c.algo.tis_cap,
@@ -99,12 +107,18 @@ class GrpoTrainer(BaseTrainer):
         self.ref_params = setup.copy_tree(params) if self.config.algo.beta != 0 else None
         self.pool = self._pool_arg
         if self.pool is None:
-            from jaxsql.sql import SqlPool
-
-            self.pool = SqlPool()
+            self.pool = self.config.sql.open_pool()
             self._releases.append(self.pool.close)
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
         self._releases.append(lambda: self._executor.shutdown(wait=True))
+        if self.process is not None:
+            from rl.process import PrmScorer, load_process_prm
+
+            c = self.config
+            prm = load_process_prm(self.process.prm, self.tokenizer, c.model.path or c.model.preset, mesh=self.mesh,
+                                   rules=self.rules, param_dtype=c.model.param_dtype,
+                                   compute_dtype=c.model.compute_dtype)
+            self.prm_scorer = PrmScorer(prm, self.mesh, self.rules)
 
     # -- one rollout draw -------------------------------------------------------------
 
@@ -134,23 +148,67 @@ class GrpoTrainer(BaseTrainer):
         watch = _watch(device) if device else None
         # ... then the host detokenises and the pool executes SQL while the device works.
         texts = decode_completions(self.tokenizer, tokens, lengths, self.stop_ids)
-        fut = self._executor.submit(_Timed, self._score, texts, ro.examples)
+        fut = self._executor.submit(_Timed, self._host_work, texts, ro.examples)
         scored = fut.result()
+        local_score, trajs, prm_rows = scored.value
+        prm = self._process_scores(prm_rows, trajs, tokens, lengths, texts) if self.prm_scorer else None
         dev_span = watch.result() if watch else None
         # every process gets every process's scores (global order): advantages, DAPO's
         # choices and the logged metrics are then what one process computes
-        score = concat_scores(distributed.process_objects(scored.value))
+        score = concat_scores(distributed.process_objects(local_score))
         lengths = np.concatenate(distributed.process_objects(np.asarray(lengths)))
-        return {"rows": ro.rows.replace(**device), "score": score, "texts": texts,
-                "groups": len(score.rewards) // c.sampling.num_generations,
+        rewards = score.rewards
+        steps = None
+        if prm is not None:
+            steps = StepScores(prm["scores"], prm["n_steps"], prm["ends"], tuple(int(n) for n in lengths))
+            if self.process.form == "trajectory":
+                rewards = trajectory_rewards(score.rewards, steps, self.rewards.process_weight,
+                                             self.process.aggregation)
+        return {"rows": ro.rows.replace(**device), "score": score, "texts": texts, "rewards": rewards,
+                "steps": steps, "groups": len(score.rewards) // c.sampling.num_generations,
                 "lengths": lengths, "t_rollout": t_rollout, "reward_span": (scored.start, scored.end),
-                "device_span": dev_span}
+                "device_span": dev_span, "prm_span": prm["span"] if prm else None,
+                "prm_hidden": prm["hidden"] if prm else 0.0}
+
+    def _host_work(self, texts, examples):
+        """The rewards thread's task: (outcome `ScoreBatch`, executed CoCTE trajectories, PRM
+        rows), the last two None without process rewards."""
+        if self.prm_scorer is None:
+            return self._score(texts, examples), None, None
+        from jaxsql.cocte import execute_completions
+        from rl.process import encode_rows
+
+        # every step's prefix query first: the final step's query is the completion's SQL,
+        # which the outcome reward then finds in the pool's cache
+        trajs = execute_completions(self.pool, [(ex.db_path, t) for ex, t in zip(examples, texts)])
+        score = self._score(texts, examples)
+        rows = encode_rows(self.prm_scorer.prm, [self.encoder(ex) for ex in examples], trajs,
+                           self.process.max_len)
+        return score, trajs, rows
 
     def _score(self, texts, examples):
         """This process's completions scored on its own SQL pool (its local databases)."""
         from jaxsql.rewards import score_batch
 
         return score_batch(self.pool, texts, examples, self.rewards)
+
+    def _process_scores(self, rows, trajs, tokens, lengths, texts) -> dict[str, Any]:
+        """Dispatch the PRM on this process's rows, place the steps on the completion tokens
+        while it runs, then gather both over processes (global row order)."""
+        t0 = time.perf_counter()
+        scores_dev = self.prm_scorer.dispatch(rows)
+        ready = _watch(scores_dev)
+        h0 = time.perf_counter()
+        ends = completion_step_ends(self.tokenizer, tokens, lengths, self.stop_ids, texts,
+                                    [t.step_spans() for t in trajs])
+        h1 = time.perf_counter()
+        local = [(len(r.positions), len(t.steps), tuple(e)) for r, t, e in zip(rows, trajs, ends)]
+        gathered = [x for part in distributed.process_objects(local) for x in part]
+        table = distributed.to_host(scores_dev)
+        start, end = ready.result()
+        return {"scores": tuple(tuple(float(v) for v in table[i, :k]) for i, (k, _, _) in enumerate(gathered)),
+                "n_steps": tuple(n for _, n, _ in gathered), "ends": tuple(e for _, _, e in gathered),
+                "span": (t0, end), "hidden": max(0.0, min(h1, end) - max(h0, start))}
 
     # -- one training step -------------------------------------------------------------
 
@@ -165,7 +223,7 @@ class GrpoTrainer(BaseTrainer):
         if c.algo.dynamic_sampling:
             while True:
                 d = len(draws) - 1
-                mask = algo.informative_groups(draws[d]["score"].rewards, G)
+                mask = algo.informative_groups(draws[d]["rewards"], G)
                 keep += [(d, g) for g in np.flatnonzero(mask)]
                 # a refill is a device call: every process takes the same branch
                 if any_process(len(keep) >= B or len(draws) > c.algo.max_refill_batches):
@@ -182,8 +240,13 @@ class GrpoTrainer(BaseTrainer):
         groups = np.array([offsets[d] + g for d, g in keep + filler])
         rows = Batch.concat([d["rows"] for d in draws]).select_groups(groups)
         index = (groups[:, None] * G + np.arange(G)[None, :]).reshape(-1)
-        rewards = np.concatenate([d["score"].rewards for d in draws])[index]
+        rewards = np.concatenate([d["rewards"] for d in draws])[index]
         adv = np.array(algo.compute_advantages(c.algo.advantage, rewards, G, c.algo.adv_eps))
+        if self.process is not None and self.process.form == "step":
+            # per-token advantages [B*G, C] from the outcome rewards and the step scores
+            steps = StepScores.concat([d["steps"] for d in draws]).take(index)
+            _, adv = step_advantages(self.process.advantage, rewards, adv, steps, G, self.rewards.process_weight,
+                                     rows.completion_tokens.shape[1], c.algo.adv_eps)
         if filler:
             adv[n_real * G:] = 0.0
             live = self.update_step.global_rows((np.arange(B * G) < n_real * G).astype(np.int32)[:, None])
@@ -201,7 +264,15 @@ class GrpoTrainer(BaseTrainer):
         for k, v in first["score"].summary.items():
             name = "reward/mean" if k == "reward_mean" else k if k.startswith("reward/") else f"sql/{k}"
             m[name] = float(v)
-        m["reward/std"] = float(first["score"].rewards.std())
+        m["reward/std"] = float(first["rewards"].std())
+        if first["steps"] is not None:
+            steps = first["steps"]
+            m["reward/outcome_mean"] = float(first["score"].rewards.mean())
+            m["reward/mean"] = float(first["rewards"].mean())
+            m["reward/process_mean"] = float(steps.trajectory(self.process.aggregation).mean())
+            flat = [v for s in steps.scores for v in s]
+            m["reward/step_score_mean"] = float(np.mean(flat)) if flat else 0.0
+            m["reward/steps_mean"] = float(np.mean(steps.n_steps))
         m["completion/length_mean"] = float(np.mean(first["lengths"]))
         m["completion/length_max"] = float(np.max(first["lengths"]))
         m["dynamic/kept_groups"] = float(n_real)
@@ -216,6 +287,9 @@ class GrpoTrainer(BaseTrainer):
                 hidden += max(0.0, min(a1, b1) - max(a0, b0))
                 logprob_s += b1 - b0
         step_s = t_end - t_start
+        if self.prm_scorer is not None:
+            m["time/prm_s"] = sum(d["prm_span"][1] - d["prm_span"][0] for d in draws)
+            m["time/prm_hidden_s"] = sum(d["prm_hidden"] for d in draws)
         m.update({"time/rollout_s": rollout_s, "time/rewards_s": reward_s, "time/logprobs_s": logprob_s,
                   "time/reward_hidden_s": hidden, "time/update_s": t_end - t_update, "time/step_s": step_s,
                   "tokens_per_s": float(sum(np.sum(d["lengths"]) for d in draws)) / max(step_s, 1e-9)})

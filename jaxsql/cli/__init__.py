@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "jaxsql.cli.train_cmds",
     "jaxsql.cli.prm_cmds",
     "jaxsql.cli.demo_cmd",
+    "jaxsql.cli.study_cmd",
     "jaxsql.cli.eval_cmds",
     "jaxsql.cli.plan_cmds",
 )

@@ -1,4 +1,4 @@
-"""``jaxsql data stats``, ``jaxsql data build``, ``jaxsql data synth`` and ``jaxsql data cocte``."""
+"""``jaxsql data stats``, ``build``, ``synth``, ``cocte`` and ``tooltraces``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cocte)
+
+    p = dsub.add_parser("tooltraces", help="multi-turn SFT traces from gold SQL (tool calls with real "
+                                           "observations, checked by execution), JSONL")
+    p.add_argument("data", metavar="SOURCE:PATH[:SPLIT]",
+                   help="examples as `jaxsql eval --data` reads them, e.g. synthetic:DIR:train")
+    p.add_argument("--out", required=True,
+                   help="JSONL of the examples whose trace is kept (train on it as jsonl:FILE, prompt format tool)")
+    p.add_argument("--traces", default=None, metavar="FILE",
+                   help="also write every kept trace (segments, calls) as JSONL, for inspection")
+    p.add_argument("--peek-share", type=float, default=None, metavar="P",
+                   help="share of queries without a filtered text column that get a LIMIT 3 peek (default 0.5)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per query (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=_tooltraces)
 
 
 def _missing(parser: argparse.ArgumentParser) -> int:
@@ -154,4 +168,33 @@ def _cocte(args: argparse.Namespace) -> int:
     kept = cocte_examples(report, keep_single_step=not args.multi_step_only)
     written = write_jsonl(kept, out)
     print(json.dumps({"out": str(out), "written": written, **report.to_json()}, indent=1))
+    return 0
+
+
+def _tooltraces(args: argparse.Namespace) -> int:
+    from data.cocte import write_jsonl
+    from data.multiturn import DEFAULT_PEEK_SHARE, build_traces, trace_report, write_traces
+    from jaxsql.cli.eval_cmds import DataSpec, load_data
+    from jaxsql.sql import SqlPool
+
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+    share = DEFAULT_PEEK_SHARE if args.peek_share is None else args.peek_share
+    if not (0.0 <= share <= 1.0):
+        raise UsageError(f"--peek-share must be in [0, 1], got {args.peek_share}")
+    outs = [Path(args.out)] + ([Path(args.traces)] if args.traces else [])
+    if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
+        raise UsageError("--traces must differ from --out")
+    for out in outs:
+        if out.exists() and not args.overwrite:
+            raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    examples = load_data(DataSpec.parse(args.data))
+    with SqlPool(timeout_s=args.timeout, max_rows=100_000) as pool:
+        report = trace_report(examples, build_traces(examples, pool.execute_batch, peek_share=share))
+    kept = [e for e, t in report.items if t.kept]
+    result = {"out": str(outs[0]), "written": write_jsonl(kept, outs[0])}
+    if args.traces:
+        result["traces"] = str(outs[1])
+        write_traces(report, outs[1])
+    print(json.dumps({**result, **report.to_json()}, indent=1))
     return 0

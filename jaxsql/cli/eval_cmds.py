@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from jaxsql.config import changed_settings, read_saved_settings
 from jaxsql.errors import JaxsqlError, UsageError
 
 #: The budget that decides whether a slow query times out in evaluation: SQLite VM instructions,
@@ -29,7 +30,9 @@ DEFAULT_EVAL_TIMEOUT_S = 300.0
 SOURCES = ("bird", "spider", "geoquery", "text2sql", "wikitq", "temptabqa_c", "jsonl", "synthetic")
 PREDICTION_FORMATS = ("auto", "bird", "spider", "jsonl", "tsv")
 #: `rl.evaluate.SELECTORS` by name (kept here so that ``jaxsql --help`` does not import rl).
-SELECT_CHOICES = ("greedy", "vote")
+SELECT_CHOICES = ("greedy", "vote", "prm-best-of-n", "prm-beam")
+#: `rl.prm_score.AGGREGATIONS` by name.
+AGGREGATE_CHOICES = ("min", "product", "mean", "last", "entropy")
 CONFIG_FILE = "eval_config.json"
 RESULTS_FILE = "results.jsonl"
 
@@ -54,9 +57,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="refuse a predictions file with missing, extra or unparseable entries")
     g = p.add_argument_group("generation (--model)")
     g.add_argument("--select", choices=SELECT_CHOICES, default="greedy",
-                   help="greedy, or vote (self-consistency over --n samples)")
-    g.add_argument("--n", type=int, default=None, help="samples per example for --select vote (default 8)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for vote (default 1)")
+                   help="greedy; vote (self-consistency over --n samples); prm-best-of-n (--n CoCTE samples, the "
+                        "executable one with the best PRM score); prm-beam (step-level beam search guided by "
+                        "the PRM)")
+    g.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help="samples per example for vote and prm-best-of-n (default 8)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature for vote and the PRM strategies (default 1)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--prompt-format", choices=["plain", "think", "cocte"], default="plain")
@@ -67,6 +74,18 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--sample-values", type=int, default=0, help="sample values per column in the schema")
     g.add_argument("--devices", default="auto", help="devices to split generation over: auto or N")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    r = p.add_argument_group("PRM-guided selection (--select prm-best-of-n | prm-beam, --prompt-format cocte)")
+    r.add_argument("--prm", default=None, metavar="DIR",
+                   help="process reward model directory (jaxsql prm init / prm train); its tokenizer must be "
+                        "the policy's")
+    r.add_argument("--prm-aggregate", choices=AGGREGATE_CHOICES, default="min",
+                   help="step scores -> trajectory score (default min, the released best-of-N's)")
+    r.add_argument("--prm-tau", type=float, default=1.0, help="temperature of --prm-aggregate entropy")
+    r.add_argument("--prm-max-len", type=int, default=2048, help="longest PRM row in tokens (default 2048)")
+    r.add_argument("--beam-width", type=int, default=2, help="prm-beam: beams kept per depth (default 2)")
+    r.add_argument("--beam-expand", type=int, default=4,
+                   help="prm-beam: candidate next steps sampled per beam (default 4)")
+    r.add_argument("--beam-max-steps", type=int, default=8, help="prm-beam: most steps per completion (default 8)")
     s = p.add_argument_group("scoring")
     s.add_argument("--max-vm-steps", type=int, default=DEFAULT_EVAL_VM_STEPS, metavar="N",
                    help=f"SQLite VM-instruction budget per query, reproducible at any load "
@@ -142,9 +161,24 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_vm_steps < 0:
         raise UsageError(f"--max-vm-steps: must be >= 0 (0: no budget), got {args.max_vm_steps}")
     if args.predictions is not None:
+        if args.prm is not None:
+            raise UsageError("--prm: only used with --model (PRM-guided selection of generated samples)")
         return
-    if args.select == "greedy" and args.n not in (None, 1):
-        raise UsageError("--n: greedy decoding takes one sample; use --select vote")
+    if args.select in ("greedy", "prm-beam") and args.n not in (None, 1):
+        raise UsageError(f"--n: --select {args.select} takes one sample; use --select vote or prm-best-of-n")
+    prm_select = args.select.startswith("prm-")
+    if prm_select and args.prm is None:
+        raise UsageError(f"--select {args.select}: needs a process reward model, --prm DIR")
+    if args.prm is not None and not prm_select:
+        raise UsageError(f"--prm: only used by --select prm-best-of-n or prm-beam, not {args.select}")
+    if prm_select and args.prompt_format != "cocte":
+        raise UsageError(f"--select {args.select}: scores CoCTE steps, so the policy must answer in that form "
+                         f"(--prompt-format cocte)")
+    for name in ("prm_max_len", "beam_width", "beam_expand", "beam_max_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1")
+    if not args.prm_tau > 0:
+        raise UsageError(f"--prm-tau: must be > 0, got {args.prm_tau}")
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n: must be >= 1, got {args.n}")
     for name in ("max_new_tokens", "batch_size"):
@@ -172,6 +206,13 @@ def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
                    prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
                    max_prompt_len=args.max_prompt_len, batch_size=args.batch_size,
                    schema_style=args.schema_style, sample_values=args.sample_values, dtype=args.dtype)
+        if args.prm is not None:
+            cfg.update(prm=str(Path(args.prm).resolve()), prm_aggregate=args.prm_aggregate,
+                       prm_tau=args.prm_tau if args.prm_aggregate == "entropy" else None,
+                       prm_max_len=args.prm_max_len)
+            if args.select == "prm-beam":
+                cfg.update(beam_width=args.beam_width, beam_expand=args.beam_expand,
+                           beam_max_steps=args.beam_max_steps)
     return cfg
 
 
@@ -181,7 +222,7 @@ def _test_suite(args: argparse.Namespace, spec: DataSpec) -> bool:
 
 
 def _samples(args: argparse.Namespace) -> int:
-    return 1 if args.select == "greedy" else (args.n or 8)
+    return 1 if args.select in ("greedy", "prm-beam") else (args.n or 8)
 
 
 def _prepare_out(out: Path, config: dict[str, Any]) -> None:
@@ -193,11 +234,7 @@ def _prepare_out(out: Path, config: dict[str, Any]) -> None:
         if not marker.is_file():
             raise JaxsqlError(f"--out {out}: a non-empty directory that is not a jaxsql eval output; "
                               f"choose another --out")
-        try:
-            previous = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            raise JaxsqlError(f"{marker}: unreadable; choose another --out") from None
-        changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+        changed = changed_settings(read_saved_settings(marker, "jaxsql eval settings"), config)
         if changed:
             raise JaxsqlError(f"--out {out}: holds a run with different settings ({', '.join(changed)}); "
                               f"choose another --out to keep both")
@@ -228,7 +265,7 @@ def _eval(args: argparse.Namespace) -> int:
                 raise JaxsqlError(f"--predictions {args.predictions}: {problems.describe()}")
             print(f"warning: --predictions {args.predictions}: {problems.describe()}", file=sys.stderr, flush=True)
     else:
-        model = (*model, _load_weights(args, model[0]))
+        model = (*model, _load_weights(args, model[0]), _load_prm(args, model[1]))
     out = Path(args.out)
     config = _run_config(args, spec)
     lead = is_lead_process()
@@ -271,17 +308,50 @@ def _load_weights(args: argparse.Namespace, cfg: Any) -> Any:
     return params
 
 
-def _evaluate_model(args: argparse.Namespace, model: tuple[Any, Any, Any], examples: Sequence[Any], pool: Any,
-                    scoring: Any, log: Any) -> Any:
+def _load_prm(args: argparse.Namespace, policy_tokenizer: Any) -> Any:
+    """The PRM of --prm (None without), checked to read the policy's tokens."""
+    if args.prm is None:
+        return None
+    from models.prm import check_matches_policy, load_prm
+
+    if not Path(args.prm).is_dir():
+        raise JaxsqlError(f"--prm {args.prm}: not a directory")
+    prm = load_prm(args.prm, param_dtype=args.dtype)
+    check_matches_policy(prm, policy_tokenizer, args.model)
+    return prm
+
+
+def _prm_guide(args: argparse.Namespace, prm: Any, tok: Any, cfg: Any) -> Any:
+    """The `rl.evaluate.PrmGuide` of the PRM flags; the PRM reads the policy's prompt ids."""
+    if prm is None:
+        return None
+    from rl.evaluate import PrmGuide, encode_prompts, schema_cache
+    from rl.prm_search import prm_step_scorer
+
+    schema = schema_cache(args.schema_style, args.sample_values)
+    cache: dict[int, list[int]] = {}
+
+    def prompt_ids(ex: Any) -> list[int]:
+        if id(ex) not in cache:
+            cache[id(ex)] = encode_prompts([ex], tok, schema, "cocte", args.max_prompt_len)[0]
+        return cache[id(ex)]
+
+    return PrmGuide(prm_step_scorer(prm, prompt_ids, max_len=args.prm_max_len), aggregate=args.prm_aggregate,
+                    tau=args.prm_tau, beam_width=args.beam_width, beam_expand=args.beam_expand,
+                    beam_max_steps=args.beam_max_steps)
+
+
+def _evaluate_model(args: argparse.Namespace, model: tuple[Any, Any, Any, Any], examples: Sequence[Any],
+                    pool: Any, scoring: Any, log: Any) -> Any:
     from rl.evaluate import evaluate, schema_cache
 
-    cfg, tok, params = model
+    cfg, tok, params, prm = model
     return evaluate(params, cfg, tok, examples, pool, prompt_format=args.prompt_format,
                     schema=schema_cache(args.schema_style, args.sample_values),
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     max_prompt_len=args.max_prompt_len, select=args.select, num_samples=_samples(args),
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, scoring=scoring, log=log,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, prm=_prm_guide(args, prm, tok, cfg))
 
 
 def _pool(args: argparse.Namespace):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -84,8 +85,9 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def _positive(name: str, value: float | int | None) -> None:
-    if value is not None and not value > 0:
-        raise UsageError(f"{name} must be > 0, got {value}")
+    """A usage error unless `value` is None or a finite number > 0 (checked before any work)."""
+    if value is not None and not (0 < value < math.inf):
+        raise UsageError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _load_policy(path: str):

@@ -75,3 +75,20 @@ def test_overrides_and_yaml(tmp_path):
 def test_cli_without_command_is_a_usage_error(capsys):
     assert main([]) == 2
     assert "usage: jaxsql" in capsys.readouterr().err
+
+
+def test_saved_settings_are_read_and_compared(tmp_path):
+    from jaxsql.config import changed_settings, read_saved_settings
+    from jaxsql.errors import JaxsqlError
+
+    good = tmp_path / "meta.json"
+    good.write_text('{"a": 1, "b": 2}')
+    saved = read_saved_settings(good, "label settings")
+    assert changed_settings(saved, {"a": 1, "b": 3, "c": 0}) == ["b", "c"]
+    assert changed_settings(saved, {"a": 1, "b": 3, "c": 0}, keys=["a", "c"]) == ["c"]
+    assert changed_settings(saved, {"a": 1, "b": 2}) == []
+    for text in ("{not json", "[1, 2]", "\xff"):
+        bad = tmp_path / "bad.json"
+        bad.write_bytes(text.encode("latin-1"))
+        with pytest.raises(JaxsqlError, match=r"bad\.json: unreadable label settings .*choose another --out"):
+            read_saved_settings(bad, "label settings")

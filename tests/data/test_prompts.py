@@ -30,12 +30,13 @@ def _rows(db, sql):
 
 
 def test_targets_extract_to_equivalent_sql(small_bench):
-    assert set(PROMPT_FORMATS) == {"plain", "think", "cocte"}
+    assert set(PROMPT_FORMATS) == {"plain", "think", "cocte", "tool"}
     for e in small_bench.train:
         gold = _rows(e.db_path, e.gold_sql)
         for fmt in PROMPT_FORMATS:
             target = render_target(e, fmt)
-            assert _rows(e.db_path, extract_sql(target)) == gold, (fmt, target)
+            tag = "solution" if fmt == "tool" else "answer"
+            assert _rows(e.db_path, extract_sql(target, answer_tag=tag)) == gold, (fmt, target)
         assert render_target(e, "plain") == e.gold_sql
         assert format_ok(render_target(e, "think"))
         assert cocte_format_ok(render_target(e, "cocte"))

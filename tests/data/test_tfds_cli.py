@@ -129,3 +129,17 @@ def test_build_of_an_empty_source_is_one_line(tmp_path, capsys):
     full = capsys.readouterr().err
     err = full.strip().splitlines()[-1]  # after tfds's progress bars
     assert "Traceback" not in full and err.startswith("error:") and "split 'train'" in err and "has no examples" in err
+
+
+def test_a_failed_build_leaves_no_empty_directories(tmp_path, capsys):
+    """A folder that is not the source's data fails in one line, and the build's own empty
+    directories are removed; directories that were there before stay."""
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "notes.txt").write_text("not spider")
+    out = tmp_path / "out"
+    assert main(["data", "build", "spider", "--manual-dir", str(tmp_path / "wrong"), "--data-dir", str(out)]) == 1
+    assert "train_spider.json" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
+    (out / "mine").mkdir(parents=True)
+    assert main(["data", "build", "spider", "--manual-dir", str(tmp_path / "wrong"), "--data-dir", str(out)]) == 1
+    assert sorted(p.name for p in out.rglob("*")) == ["mine"]

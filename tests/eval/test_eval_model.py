@@ -107,12 +107,13 @@ def test_choose_by_vote():
 
 
 def test_selector_registry():
-    assert set(SELECTORS) == {"greedy", "vote"}
-    from jaxsql.cli.eval_cmds import SELECT_CHOICES
+    assert set(SELECTORS) == {"greedy", "vote", "prm-best-of-n", "prm-beam"}
+    from jaxsql.cli.eval_cmds import AGGREGATE_CHOICES, SELECT_CHOICES
+    from rl.prm_score import AGGREGATIONS
 
-    assert set(SELECT_CHOICES) == set(SELECTORS)
-    with pytest.raises(JaxsqlError, match="unknown selection strategy 'prm-best-of-n'"):
-        get_selector("prm-best-of-n")
+    assert set(SELECT_CHOICES) == set(SELECTORS) and set(AGGREGATE_CHOICES) == set(AGGREGATIONS)
+    with pytest.raises(JaxsqlError, match="unknown selection strategy 'prm-best-of-k'"):
+        get_selector("prm-best-of-k")
 
 
 @pytest.mark.slow

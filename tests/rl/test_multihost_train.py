@@ -156,3 +156,34 @@ def test_two_processes_train_what_one_process_trains(command, tiny_env, tmp_path
         assert len(one_samples.splitlines()) == steps + 1
     print(f"{command}: two processes x 4 devices vs one x 8: max |param diff| = {diff:.3g}, "
           f"two-process wall time {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_two_processes_process_rewards_are_global(tiny_env, tmp_path):
+    """GRPO with per-token process advantages (a random PRM directory, ``step`` form): each
+    process scores its own rows' steps, the PRM runs on the global rows, and the step scores
+    and per-token advantages are the global ones: parameters and metrics match one process."""
+    from jaxsql.cli import main
+
+    prm = tmp_path / "prm"
+    assert main(["prm", "init", "--policy", tiny_env["model"], "--out", str(prm)]) == 0
+    runs = {}
+    for n in (1, 2):
+        run = tmp_path / f"p{n}"
+        config = tmp_path / f"p{n}.yaml"
+        config.write_text("{}\n")
+        over = grpo_overrides(tiny_env, run, **{
+            **GRPO, "steps": 2, "checkpoint.export_hf": True, "data.prompt_format": "cocte",
+            "sampling.max_new_tokens": 12, "reward.weights.process": 0.5, "reward.process.prm": str(prm),
+            "reward.process.form": "step", "reward.process.advantage": "grpo_step"})
+        runs[n] = _cli("train", config, over, run, n)
+        assert all(s["rc"] == 0 for s in runs[n])
+    a, b = _params(tmp_path / "p1" / "hf"), _params(tmp_path / "p2" / "hf")
+    assert a.keys() == b.keys() and a
+    assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a) <= 1e-5
+    ma, mb = _metrics(tmp_path / "p1"), _metrics(tmp_path / "p2")
+    assert len(ma) == len(mb) == 2
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys() and "reward/process_mean" in ra and "reward/step_score_mean" in ra
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], abs=1e-5), k

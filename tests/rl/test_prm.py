@@ -330,3 +330,17 @@ def test_prm_cli_init_label_score(tiny_env, tmp_path, capsys):
     comps.write_text('{"completion": "x"}\n')
     assert main(["prm", "score", "--prm", model, "--data", data, "--completions", str(comps)]) == 1
     assert "expected {" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["label", "score"])
+def test_prm_budgets_are_checked_before_any_work(cmd, tmp_path, capsys):
+    """An infinite or NaN --timeout is a usage error before the data or models are read."""
+    from jaxsql.cli import main
+
+    missing = str(tmp_path / "missing")
+    args = {"label": ["--policy", missing, "--k", "2", "--out", str(tmp_path / "l.jsonl")],
+            "score": ["--prm", missing, "--completions", missing]}[cmd]
+    for bad in ("inf", "nan"):
+        assert main(["prm", cmd, "--data", f"synthetic:{missing}", *args, "--timeout", bad]) == 2
+        assert f"--timeout must be a finite number > 0, got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "l.jsonl").exists()

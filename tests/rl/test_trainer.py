@@ -127,8 +127,11 @@ def test_sigterm_mid_step_leaves_usable_checkpoint(tiny_env, tmp_path, uninterru
 
 
 def test_close_releases_what_the_trainer_acquired(tiny_env, tmp_path):
-    t = GrpoTrainer(_cfg(tiny_env, tmp_path / "own"))
+    t = GrpoTrainer(_cfg(tiny_env, tmp_path / "own", **{"sql.workers": 1, "sql.timeout_s": 2.5,
+                                                        "sql.max_vm_steps": 123456}))
     pool, executor = t.pool, t._executor
+    # the run config's sql section sets the limits of the pool the trainer opens
+    assert (pool.num_workers, pool.timeout_s, pool.max_vm_steps) == (1, 2.5, 123456)
     t.close()
     assert executor._shutdown and pool._closed
     t.close()  # twice is fine

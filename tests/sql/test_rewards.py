@@ -104,8 +104,9 @@ def test_context_comparison_computed_once():
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="weights.nope: unknown reward 'nope'"):
         RewardConfig(weights={"nope": 1.0})
-    with pytest.raises(ConfigError, match="weights.process: reserved"):
-        RewardConfig(weights={"process": 1.0})
+    # ``process`` is real now (issue 14); without its PRM section it still fails naming the field
+    with pytest.raises(ConfigError, match="weights.process: the process reward needs a reward.process"):
+        RewardConfig(weights={"execution": 1.0, "process": 1.0})
     with pytest.raises(ConfigError, match=r"params.execution: unknown parameter\(s\) \['bogus'\]"):
         RewardConfig(weights={"execution": 1.0}, params={"execution": {"bogus": 1}})
     with pytest.raises(ConfigError, match="params.qatch: has no weight"):

@@ -1,0 +1,92 @@
+"""`jaxsql study`: its refusals, its table, and the smoke study end to end with a resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from jaxsql.cli import main as cli_main
+from jaxsql.errors import ConfigError, JaxsqlError
+from rl import study
+
+
+def test_refuses_a_foreign_directory_and_other_settings(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my thesis")
+    assert cli_main(["study", "--out", str(out), "--smoke"]) == 1
+    assert "not a jaxsql study directory" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    run = tmp_path / "run"
+    study.StudyDir(run, study.smoke_config())  # claims it (writes the marker)
+    with pytest.raises(JaxsqlError, match="different settings .*seeds"):
+        study.StudyDir(run, study.smoke_config(seeds=(0, 1)))
+    study.StudyDir(run, dataclasses.replace(study.smoke_config(), minutes=99.0))  # the cap is not identity
+
+
+def test_bad_settings_fail_naming_the_field(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="StudyConfig.arms"):
+        dataclasses.replace(study.smoke_config(), arms=("answers", "nope"))
+    with pytest.raises(ConfigError, match="StudyConfig.selectors"):
+        dataclasses.replace(study.smoke_config(), selectors=("greedy", "best"))
+    with pytest.raises(ConfigError, match="StudyConfig.seeds"):
+        dataclasses.replace(study.smoke_config(), seeds=(1, 1))
+    assert cli_main(["study", "--out", str(tmp_path / "x"), "--arms", "answers,nope"]) == 2
+    assert "--arms: unknown ['nope']" in capsys.readouterr().err
+    assert cli_main(["study", "--out", str(tmp_path / "x"), "--seeds", "a"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_cells_are_mean_and_range_over_seeds(tmp_path):
+    cfg = dataclasses.replace(study.smoke_config(seeds=(0, 1)), arms=("answers",), selectors=("greedy",))
+    res = [{"ex_set": 0.2, "ex_bag": 0.1, "error_rate": 0.5, "qatch": 0.3},
+           {"ex_set": 0.4, "ex_bag": 0.3, "error_rate": 0.25, "qatch": 0.5}]
+    phases = {}
+    for s, r in zip(cfg.seeds, res):
+        phases[f"seed{s}/eval"] = {"results": {"answers": {"greedy": r}, "sft": {"greedy": r},
+                                               "cocte_sft": {"greedy": r}}}
+        phases[f"seed{s}/arm_answers"] = {"seconds": 100.0 + 20 * s}
+        phases[f"seed{s}/base"] = {"seconds": 10.0}
+    path = study.write_report(tmp_path, {"phases": phases}, cfg, 1234.0)
+    line = next(x for x in path.read_text().splitlines() if x.startswith("| answers |"))
+    assert "| greedy | 30.0 [20.0, 40.0] | 20.0 [10.0, 30.0] | 37.5 [25.0, 50.0] | 40.0 [30.0, 50.0] | 110 |" in line
+    assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
+    """Every phase of every arm on real components (sandbox, SFT, PRM labels and training, GRPO,
+    `jaxsql eval`); stopped after the CoCTE cold start and resumed; a third run does nothing."""
+    cfg = study.smoke_config()
+    out = tmp_path / "study"
+    lines: list[str] = []
+    state = study.run_study(out, cfg, say=lines.append, progress=False, stop_after="seed0/cocte_sft")
+    assert sorted(state["phases"]) == ["seed0/base", "seed0/cocte_data", "seed0/cocte_sft"]
+    base_seconds = state["phases"]["seed0/base"]["seconds"]
+    assert cli_main(["study", "--out", str(out), "--smoke", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    marker = json.loads((out / study.MARKER).read_text())
+    assert marker["phases"]["seed0/base"]["seconds"] == base_seconds  # not redone
+    assert marker["phases"]["report"]["done"]
+    for name, folder, fmt in study.policies(cfg):
+        assert f"{name}: dev EX (set, greedy)" in printed
+        assert (out / "seed0" / "checkpoints" / folder / "hf" / "config.json").is_file()
+        for select in (s for s in cfg.selectors if study.applies(s, fmt)):
+            m = json.loads((out / "seed0" / "eval" / name / select / "metrics.json").read_text())
+            assert m["summary"]["n"] == cfg.n_dev
+            got = marker["phases"]["seed0/eval"]["results"][name][select]
+            assert 0.0 <= got["ex_set"] <= 1.0 and got["ex_set"] == m["summary"]["ex_set"]
+    # the Reward-SQL arm trains the CoCTE policy on CoCTE prompts; the others the plain one
+    seed_dir = study.demo.DemoDir(out / "seed0", cfg.demo_config(0))
+    assert study.arm_config(seed_dir, cfg, "rewardsql").data.prompt_format == "cocte"
+    assert study.arm_config(seed_dir, cfg, "dense_batch").data.prompt_format == "plain"
+    assert study.arm_config(seed_dir, cfg, "dense_batch").algo.advantage == "batch"
+    assert not (out / "seed0" / "eval" / "answers" / "prm-best-of-n").exists()  # a plain-SQL policy
+    assert (out / "seed0" / "eval" / "rewardsql" / "prm-best-of-n" / "metrics.json").is_file()
+    table = (out / "study.md").read_text()
+    assert all(f"| {a} |" in table for a in cfg.arms) and (out / "study.png").is_file()
+    assert marker["phases"]["seed0/prm_train"]["step"] == 2
+    assert cli_main(["study", "--out", str(out), "--smoke"]) == 0
+    assert "already complete" in capsys.readouterr().err
