@@ -48,7 +48,7 @@ def best_plan(model: str, G: int, chip: str, batch: int, P: int, C: int):
                 if batch % m or (batch // m) % (data * fsdp):
                     continue
                 r = plan(PlanInput(cfg=cfg, chip=chip, data=data, fsdp=fsdp, tensor=tensor, batch=batch,
-                                   generations=G, prompt_len=P, new_tokens=C, micro_batches=m))
+                                   generations=G, prompt_len=P, new_tokens=C, micro_batches=m, remat="full"))
                 if r["fits"] and not r["warnings"]:
                     fitting.append((r["step_time_s"]["expected_total"], m, (data, fsdp, tensor), r))
         if fitting:  # the fastest, among plans that leave 15% of the usable memory free when there are any
@@ -82,7 +82,7 @@ def main() -> int:
                       f"{st['roofline_total']:.1f} | {st['expected_total']:.1f} | {st['expected']['decode']:.1f} |")
                 commands.append(f"jaxsql plan --model {model} --chip {chip} --mesh data={d},fsdp={f},tensor={t} "
                                 f"--batch {args.batch} --generations {G} --prompt-len {args.prompt_len} "
-                                f"--new-tokens {args.new_tokens} --micro-batches {m}")
+                                f"--new-tokens {args.new_tokens} --micro-batches {m} --remat full")
                 rows.append(found)
     print()
     for c in commands:

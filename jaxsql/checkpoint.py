@@ -57,8 +57,11 @@ class Checkpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
 
+        from jaxsql.paths import as_path, is_remote
+
         self._ocp = ocp
-        self.directory = Path(directory).absolute()
+        # a bucket (gs://) goes to orbax as an etils.epath.Path, the filesystem layer it writes through
+        self.directory = as_path(directory) if is_remote(directory) else Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,

@@ -155,7 +155,9 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
     """Load `cls` from a YAML file (or defaults when `path` is None) plus overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        from jaxsql.paths import as_path
+
+        p = as_path(path)  # a local file or gs://... (jaxsql.paths)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,15 +36,21 @@ class MetricsWriter:
 
     def __init__(self, directory: str | Path, *, tensorboard: bool = True,
                  tensorboard_dir: str | Path | None = None):
-        self.directory = Path(directory)
+        from jaxsql.paths import RewrittenFile, as_path, is_remote, register_tensorboard_urls
+
+        self.directory = as_path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        # in a bucket (gs://) objects cannot be appended to: the file is rewritten at each row
+        self._file = (RewrittenFile(self.path, append=True) if is_remote(self.directory)
+                      else self.path.open("a", encoding="utf-8"))
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(tensorboard_dir or self.directory / "tb"))
+            tb_dir = os.fspath(tensorboard_dir or self.directory / "tb")
+            register_tensorboard_urls(tb_dir)
+            self._tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, metrics: Mapping[str, Any], phase: str | None = None) -> None:
         """Record `metrics` (name -> number) for `step` (of `phase`, if given)."""
@@ -77,7 +84,9 @@ class MetricsWriter:
 
 def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
     """All rows of a metrics JSONL file (of one `phase`, if given)."""
-    p = Path(path)
+    from jaxsql.paths import as_path
+
+    p = as_path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.exists():

@@ -92,7 +92,7 @@ class PlanInput:
     micro_batches: int = 1
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    remat: str = "full"
+    remat: str = "none"  # the trainer's default (model.remat); the real-model recipes set full
     attention: str = "auto"
     reference: bool = True
     logits_budget: int = 64 * 1024 * 1024
@@ -234,6 +234,9 @@ def plan(p: PlanInput) -> dict[str, Any]:
         warnings.insert(0, f"does not fit: the {worst} phase needs {peak / GIB:.1f} GiB per chip, "
                            f"{USABLE_FRACTION:.0%} of the {chip.name}'s {chip.hbm_bytes / GIB:.1f} GiB is "
                            f"{usable / GIB:.1f} GiB")
+        if p.remat == "none":
+            warnings.insert(1, "no remat: --remat full (the run config's model.remat: full) keeps one layer's "
+                               "activations instead of all of them")
 
     return {"input": _describe(p), "memory_bytes": memory, "phase_peak_bytes": phases, "peak_bytes": peak,
             "usable_bytes": int(usable), "hbm_bytes": int(chip.hbm_bytes), "fits": fits,

@@ -105,7 +105,9 @@ def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dt
     token-classification head). Missing, unexpected or wrongly shaped
     tensors raise `JaxsqlError` naming them.
     """
-    model_dir = Path(model_dir)
+    from jaxsql.paths import local_dir
+
+    model_dir = local_dir(model_dir, "HF checkpoint")  # gs://: staged to local disk first
     overrides: dict[str, Any] = {}
     if param_dtype:
         overrides["param_dtype"] = param_dtype
@@ -173,6 +175,43 @@ def load_hf_checkpoint(model_dir: str | Path, *, mesh=None, rules=None, param_dt
 # --- export -----------------------------------------------------------------------
 
 
+def _save_to_bucket(out_dir, cfg: ModelConfig, params: Params, **options: Any):
+    """`save_hf_checkpoint` to a URL (``gs://``): the same refusal rules on the bucket directory,
+    the export written to a local temporary directory (safetensors shards are written with seeks)
+    and then copied into the bucket through `etils.epath` by the lead process."""
+    import tempfile
+
+    from jaxsql import distributed
+    from jaxsql.paths import as_path, upload_dir
+
+    out = as_path(out_dir)
+    failure: str | None = None
+    if distributed.is_lead_process():
+        try:
+            _check_out_dir(out, options["overwrite"])
+        except (JaxsqlError, OSError) as e:
+            failure = str(e)
+    if distributed.any_process(failure is not None):
+        raise JaxsqlError(failure or f"{out}: HF export refused on the lead process (see its log)")
+    with tempfile.TemporaryDirectory(prefix="jaxsql-export-") as tmp:
+        save_hf_checkpoint(tmp, cfg, params, **{**options, "overwrite": True})
+        if distributed.is_lead_process():
+            try:
+                marker = Path(tmp) / EXPORT_MARKER  # last, as locally: a partial upload is not an export
+                upload_dir_files = [f for f in Path(tmp).iterdir() if f != marker]
+                staging = Path(tmp) / ".upload"
+                staging.mkdir()
+                for f in upload_dir_files:
+                    f.rename(staging / f.name)
+                upload_dir(staging, out)
+                (out / EXPORT_MARKER).write_text(marker.read_text())
+            except OSError as e:
+                failure = f"{out}: cannot write the export into the bucket ({e})"
+        if distributed.any_process(failure is not None):
+            raise JaxsqlError(failure or f"{out}: HF export failed on the lead process (see its log)")
+    return out
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise JaxsqlError(f"{out_dir}: exists and is not a directory")
@@ -218,7 +257,13 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, params: Params, *,
     process once all tensors have been gathered.
     """
     from jaxsql import distributed
+    from jaxsql.paths import is_remote, local_dir
 
+    if tokenizer_dir is not None:
+        tokenizer_dir = local_dir(tokenizer_dir, "tokenizer")
+    if is_remote(out_dir):
+        return _save_to_bucket(out_dir, cfg, params, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes,
+                               overwrite=overwrite, dtype=dtype, head=head)
     out_dir = Path(out_dir)
     export_cfg = cfg if dtype is None else cfg.replace(param_dtype=dtype)
     dt = np.dtype(jnp.dtype(export_cfg.param_dtype))

@@ -466,6 +466,25 @@ def hidden_states(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
             body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
         x_BTD, kv_L = jax.lax.scan(body, x_BTD, layers)
         new_cache = None if fill_cache is None else _new_cache(kv_L[0], kv_L[1], mask_BT, fill_cache)
+    elif cfg.remat != "none":
+        # Differentiated through a cache (the grouped update: completions attending to their
+        # prompt's keys): each layer's cache slice is a scanned input, not part of a carried
+        # cache, so the remat'd body saves only x per layer (a carried cache would be saved once
+        # per layer). Only the new slots leave the scan; they are written into the cache after it.
+        def body(x, xs):
+            lp, kc_BKHS, vc_BKSH = xs
+
+            def update(kT, v):
+                kc, vc = write_slots(kc_BKHS, vc_BKSH, kT, v)
+                return kc, vc, (kT, v)
+
+            return block(x, lp, update)
+
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        x_BTD, (kT_L, v_L) = jax.lax.scan(body, x_BTD, (layers, cache.k, cache.v))
+        k_all = jax.lax.dynamic_update_slice(cache.k, kT_L.astype(cache.k.dtype), (0, 0, 0, 0, cache.index))
+        v_all = jax.lax.dynamic_update_slice(cache.v, v_L.astype(cache.v.dtype), (0, 0, 0, cache.index, 0))
+        new_cache = KVCache(k_all, v_all, key_mask_BS, cache.index + T)
     else:
         def body(carry, lp):
             x, kc_all, vc_all, layer = carry

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxsql.distributed import any_process, from_host, is_lead_process
 from jaxsql.errors import JaxsqlError
 from jaxsql.metrics import MetricsWriter
+from jaxsql.paths import as_path
 from rl import setup
 from rl.batch import TrainBatch
 from rl.loop import Hook, LogMetrics, RunResult, SaveEvery, ShowProgress, StopOnSignal, TrainLoop
@@ -68,7 +69,7 @@ class BaseTrainer:
 
     def __init__(self, config, *, resume: bool, step_config: StepConfig, total_updates: int):
         self.config = c = config
-        self.run_dir = Path(c.run_dir)
+        self.run_dir = as_path(c.run_dir)  # a local Path, or an etils.epath.Path for gs:// (jaxsql.paths)
         self._releases: list[Callable[[], None]] = []
         # Checked and locked before anything is written; only the lead process locks (the
         # other processes of a multi-host run share its directory). A refusal on any process
@@ -99,7 +100,10 @@ class BaseTrainer:
         self.encoder = PromptEncoder(self.tokenizer, c.data.prompt_format, c.data.max_prompt_len)
         self.examples, self.iterator = self._load_data()
         self.optimizer = make_optimizer(c.optim, total_updates)
-        self.update_step = TrainStep(self.model_cfg, step_config, self.optimizer, self.mesh, rules=self.rules,
+        # Only the update differentiates: it alone runs under model.remat (the sampler and the
+        # reference model use model_cfg, remat none).
+        self.update_step = TrainStep(self.model_cfg.replace(remat=c.model.remat), step_config, self.optimizer,
+                                     self.mesh, rules=self.rules,
                                      cache_key=(c.optim, total_updates), specs=self._param_specs())
         self._init_extra(params)
         self.state = init_state(params, self.optimizer, self.update_step.state_shardings)
@@ -186,7 +190,7 @@ class BaseTrainer:
     def export(self, out_dir: str | Path) -> Path:
         """Write the current weights as an HF checkpoint with the run's tokenizer. Every process
         calls it (each tensor is gathered in turn); only the lead process writes."""
-        out_dir = Path(out_dir)
+        out_dir = as_path(out_dir)
         setup.export_policy(out_dir, self.config.model, self.model_cfg, self.state["params"])
         return out_dir
 

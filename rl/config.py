@@ -40,6 +40,12 @@ class ModelSection:
       compute_dtype: matmul inputs of the forward and backward passes (float32 or
         bfloat16); norms, softmax and log-probs stay float32.
       init_seed: seed of random initialisation (only with `preset`).
+      remat: rematerialisation of the policy's layers in the update's backward pass (none |
+        full | dots | dots_no_batch, `models.config.REMAT_POLICIES`): ``full`` keeps only each
+        layer's input and recomputes the rest (about a third more update FLOPs, the
+        activations of one layer instead of all); ``dots`` / ``dots_no_batch`` keep the matmul
+        outputs (all / those without batch dimensions). Sampling and the reference model
+        never differentiate and run without it.
     """
 
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
@@ -53,10 +59,15 @@ class ModelSection:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     init_seed: int = 0
+    remat: str = "none"
 
     def __post_init__(self) -> None:
+        from models.config import REMAT_POLICIES
+
         require(bool(self.path) or bool(self.preset), "ModelSection", "path",
                 "set model.path (HF directory) or model.preset")
+        require(self.remat in REMAT_POLICIES, "ModelSection", "remat",
+                f"must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         for f in ("param_dtype", "compute_dtype"):
             require(getattr(self, f) in ("float32", "bfloat16"), "ModelSection", f,
                     f"must be float32 or bfloat16, got {getattr(self, f)!r}")

@@ -28,7 +28,9 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, step: int | N
     from rl.config import OptimSection
     from rl.train_step import init_state, make_optimizer
 
-    run_dir = Path(run_dir)
+    from jaxsql.paths import as_path
+
+    run_dir = as_path(run_dir)
     ck_dir = run_dir if run_dir.name == "checkpoints" else run_dir / "checkpoints"
     if not ck_dir.is_dir():
         raise CheckpointError(f"{ck_dir} does not exist (expected a run directory with checkpoints/)")

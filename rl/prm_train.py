@@ -264,10 +264,20 @@ class PrmTrainer(BaseTrainer):
         from models.prm import save_prm
         from rl.setup import tokenizer_dir
 
+        from jaxsql.paths import is_remote, local_dir, upload_dir
+
+        if not is_lead_process():
+            return out_dir
+        tok = local_dir(tokenizer_dir(self.config.model), "ModelSection.tokenizer")
+        if is_remote(out_dir):  # a bucket: written locally, then copied through etils.epath
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="jaxsql-prm-export-") as tmp:
+                save_prm(Path(tmp), self.prm_cfg, self.model_cfg, self.state["params"], tokenizer_dir=tok)
+                upload_dir(Path(tmp), out_dir)
+            return out_dir
         out_dir = Path(out_dir)
-        if is_lead_process():
-            save_prm(out_dir, self.prm_cfg, self.model_cfg, self.state["params"],
-                     tokenizer_dir=tokenizer_dir(self.config.model))
+        save_prm(out_dir, self.prm_cfg, self.model_cfg, self.state["params"], tokenizer_dir=tok)
         return out_dir
 
 

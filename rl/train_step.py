@@ -287,4 +287,8 @@ class TrainStep:
             fn = jax.jit(self._fn, in_shardings=(self.state_shardings, self.batch_shardings(batch)),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
             self._compiled[key] = fn
-        return fn(state, batch)
+        # The mesh as context: attention "auto" then places the splash kernel on each chip of a
+        # multi-chip TPU (models.attention runs it under shard_map), where without a mesh it
+        # would fall back to xla.
+        with jax.set_mesh(self.mesh):
+            return fn(state, batch)

@@ -48,4 +48,8 @@ def read_examples(source: str, path: str | Path, *, split: str | None = None, sk
                   **options: Any) -> list[Example]:
     """Read `source` data at `path` (see each reader's docstring for the layout and options)."""
     reader = get_reader(source)
+    if source != "jsonl":  # every other layout keeps its SQLite databases inside `path`
+        from jaxsql.paths import require_local
+
+        require_local(path, f"DataSection.path ({source} data)")
     return reader(path, split=DEFAULT_SPLITS[source] if split is None else split, skip_bad=skip_bad, **options)

@@ -95,7 +95,9 @@ def _help(parser: argparse.ArgumentParser) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from models.hf_io import TOKENIZER_FILES, load_hf_checkpoint, save_hf_checkpoint
 
-    src = Path(args.hf_in)
+    from jaxsql.paths import local_dir
+
+    src = local_dir(args.hf_in, "--hf-in")  # gs://: staged to local disk
     cfg, params = load_hf_checkpoint(src, param_dtype=args.dtype)
     has_tok = any((src / f).is_file() for f in TOKENIZER_FILES)
     save_hf_checkpoint(args.hf_out, cfg, params, tokenizer_dir=src if has_tok else None,

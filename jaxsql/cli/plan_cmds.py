@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="master weights (and gradients)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="matmul inputs, sampler and reference copies, KV cache")
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
-                   help="checkpoint policy of the scanned layers in the update")
+    p.add_argument("--remat", default=trainer_remat_default(), choices=["none", "full", "dots", "dots_no_batch"],
+                   help="checkpoint policy of the layers in the update: the run config's model.remat "
+                        "(default: the trainer's default, %(default)s; the real-model recipes set full)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 loads no reference model")
     p.add_argument("--mfu", type=float, default=0.4,
@@ -42,6 +43,15 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="assumed fraction of the HBM bandwidth reached by decoding (expected time)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
+
+
+def trainer_remat_default() -> str:
+    """The run config's default ``model.remat`` (what `jaxsql train` does when the config is silent)."""
+    import dataclasses
+
+    from rl.config import ModelSection
+
+    return next(f.default for f in dataclasses.fields(ModelSection) if f.name == "remat")
 
 
 def model_config(spec: str):

@@ -95,11 +95,16 @@ def test_inputs_are_checked():
 def test_cli(capsys):
     assert main(["plan", "--model", "qwen2.5-14b", "--chip", "v4", "--mesh", "data=1,fsdp=16,tensor=1",
                  "--batch", "16", "--generations", "16", "--prompt-len", "2048", "--new-tokens", "1024",
-                 "--micro-batches", "8"]) == 0
+                 "--micro-batches", "8", "--remat", "full"]) == 0
     text = capsys.readouterr().out
     assert "qwen2.5-14b (14.77 B params) on 16 x TPU v4" in text and "FITS" in text
     assert main(["plan", "--model", "qwen2.5-14b", "--chip", "v5e", "--mesh", "1x4x1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] is False and "does not fit" in r["warnings"][0]
+    # the default remat is the trainer's (model.remat), and a plan that does not fit without it says so
+    from rl.config import ModelSection
+
+    assert r["input"]["remat"] == ModelSection(preset="tiny").remat == "none"
+    assert r["warnings"][1].startswith("no remat: --remat full")
     assert main(["plan", "--model", "nope", "--chip", "v4"]) == 2
     assert "neither a directory nor a preset" in capsys.readouterr().err

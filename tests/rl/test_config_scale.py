@@ -18,6 +18,23 @@ BASE = ["run_dir=/tmp/x", "model.preset=tiny"]
 def test_real_model_recipes_keep_float32_master_weights(name):
     cfg = load_train_config(RECIPES / f"{name}.yaml")
     assert (cfg.model.param_dtype, cfg.model.compute_dtype) == ("float32", "bfloat16")
+    assert cfg.model.remat == "full"  # the plans in docs/scale.md assume it
+
+
+def test_remat_key_is_validated_and_reaches_only_the_update(tiny_env, tmp_path):
+    assert load_train_config(None, BASE).model.remat == "none"
+    with pytest.raises(ConfigError, match=r"ModelSection\.remat: must be one of \['none', 'full', 'dots', "
+                                          r"'dots_no_batch'\], got 'some'"):
+        load_train_config(None, BASE + ["model.remat=some"])
+    from rl.sft import SftTrainer
+    from rl.config import load_sft_config
+
+    cfg = load_sft_config(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_env['model']}",
+                                 f"data.path={tiny_env['synthetic']}", "model.remat=dots", "mesh.data=1",
+                                 "progress=false", "tensorboard=false", "checkpoint.export_hf=false"])
+    with SftTrainer(cfg) as t:
+        assert t.update_step.model_cfg.remat == "dots"  # the update differentiates
+        assert t.model_cfg.remat == "none"  # sampling and the reference model do not
 
 
 def test_old_dtype_key_says_what_to_write():

@@ -182,3 +182,29 @@ def test_grouped_layout_equals_full_rows_with_micro_batches():
     np.testing.assert_allclose(mf["entropy"], mg["entropy"], rtol=1e-5)
     for a, c in zip(jax.tree.leaves(full_state["params"]), jax.tree.leaves(grouped_state["params"])):
         np.testing.assert_allclose(a, c, atol=1e-6)
+
+
+@pytest.mark.slow  # splash in Pallas interpret mode through a forward and backward pass on 8 devices
+def test_splash_attention_in_the_sharded_step_equals_xla(monkeypatch):
+    """The step runs under its mesh (`jax.set_mesh`), so the splash kernel is placed per device
+    (shard_map: rows over data x fsdp, heads over tensor), as `auto` picks it on a multi-chip TPU."""
+    from models import attention as attn
+    from models.attention import interpret_kernels
+
+    placed = []
+    original = attn._shard_over
+    monkeypatch.setattr(attn, "_shard_over", lambda *a: placed.append(a[1].shape) or original(*a))
+    mesh = make_mesh(2, 2, 2)
+    sc = StepConfig(loss="grpo", loss_config=algo.PolicyLossConfig(beta=0.04, max_len=C))
+    opt = make_optimizer(OptimSection(learning_rate=1e-3, eps=1e-4), 10)
+    out = {}
+    for attention in ("xla", "splash"):
+        ts = TrainStep(CFG.replace(attention=attention), sc, opt, mesh)
+        state = init_state(init_params(CFG, jax.random.PRNGKey(0)), opt, ts.state_shardings)
+        with interpret_kernels():
+            state, metrics = ts(state, ts.place_batch(FlatBatch(**_batch())))
+        out[attention] = jax.device_get((state["params"], metrics["loss"]))
+    assert placed and all(dict(m) == dict(mesh.shape) for m in placed)  # the kernel ran under the step's mesh
+    np.testing.assert_allclose(out["splash"][1], out["xla"][1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out["splash"][0]), jax.tree.leaves(out["xla"][0])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
