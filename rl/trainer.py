@@ -39,6 +39,7 @@ import numpy as np
 from jaxsql.config import to_dict
 from jaxsql import distributed
 from jaxsql.distributed import any_process, is_lead_process
+from jaxsql.paths import RewrittenFile, is_remote
 from jaxsql.errors import ConfigError
 from jaxsql.rewards import concat_scores
 from rl import algo, setup
@@ -93,6 +94,7 @@ class GrpoTrainer(BaseTrainer):
         self.process = self.rewards.process  # None without process rewards
         self.prm_scorer = None
         self._pool_arg = pool
+        self._samples: RewrittenFile | None = None  # samples.jsonl in a bucket (gs:// run_dir)
         loss = algo.PolicyLossConfig(loss_agg=c.algo.loss_agg, eps_low=c.algo.eps_low,
                                      eps_high=c.algo.eps_high, beta=c.algo.beta, tis_cap=c.algo.tis_cap,
                                      max_len=c.sampling.max_new_tokens)
@@ -299,11 +301,18 @@ class GrpoTrainer(BaseTrainer):
     def _log_samples(self, step: int, draw: dict) -> None:
         if not is_lead_process():
             return
+        G = self.config.sampling.num_generations
+        line = json.dumps({"step": step, "ids": [m["id"] for m in draw["score"].metrics[::G]],
+                           "completion": draw["texts"][0][:500], "reward": float(draw["score"].rewards[0])}) + "\n"
+        if is_remote(self.run_dir):  # an object cannot be appended to: rewritten whole (jaxsql.paths)
+            if self._samples is None:
+                self._samples = RewrittenFile(self.run_dir / "samples.jsonl", append=True)
+                self._releases.append(self._samples.close)
+            self._samples.write(line)
+            self._samples.flush()
+            return
         with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-            G = self.config.sampling.num_generations
-            f.write(json.dumps({"step": step, "ids": [m["id"] for m in draw["score"].metrics[::G]],
-                                "completion": draw["texts"][0][:500],
-                                "reward": float(draw["score"].rewards[0])}) + "\n")
+            f.write(line)
 
     def run(self, until: int | None = None, **loop_options: Any) -> dict[str, Any]:
         """`BaseTrainer.run`, plus ``skipped_updates`` (non-finite updates skipped)."""

@@ -172,3 +172,20 @@ def test_sqlite_stays_local_and_jsonl_may_live_in_a_bucket(tiny_env, bucket):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(JaxsqlError, match=r"train\.jsonl:1: a relative db_path .*stay on local disk"):
         read_examples("jsonl", str(f))
+
+
+@pytest.mark.slow  # a short GRPO run through the emulator
+def test_grpo_run_in_a_bucket(tiny_env, bucket, tmp_path):
+    """jaxsql train into gs://: checkpoints, metrics and samples.jsonl (rewritten whole, since an
+    object cannot be appended to) land in the bucket; the SQLite databases stay local."""
+    from .conftest import grpo_overrides
+
+    run = f"{bucket}/runs/grpo"
+    (tmp_path / "none.yaml").write_text("{}\n")
+    assert main(["train", "--config", str(tmp_path / "none.yaml"), *grpo_overrides(tiny_env, run, steps=2,
+                                                                  **{"checkpoint.every_steps": 1})]) == 0
+    r = as_path(run)
+    samples = [json.loads(x) for x in (r / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in samples] == [0, 1] and all(len(x["ids"]) == 2 for x in samples)
+    assert [json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (r / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
