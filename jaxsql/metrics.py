@@ -36,14 +36,13 @@ class MetricsWriter:
 
     def __init__(self, directory: str | Path, *, tensorboard: bool = True,
                  tensorboard_dir: str | Path | None = None):
-        from jaxsql.paths import RewrittenFile, as_path, is_remote, register_tensorboard_urls
+        from jaxsql.paths import as_path, open_append, register_tensorboard_urls
 
         self.directory = as_path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
         # in a bucket (gs://) objects cannot be appended to: the file is rewritten at each row
-        self._file = (RewrittenFile(self.path, append=True) if is_remote(self.directory)
-                      else self.path.open("a", encoding="utf-8"))
+        self._file = open_append(self.path)
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter

@@ -154,6 +154,14 @@ class RewrittenFile:
             self.closed = True
 
 
+def open_append(path: Any):
+    """A text file open for appending lines: the file itself on local disk, a `RewrittenFile`
+    in a bucket (whose `flush` rewrites the object). Call `flush` after each line to make it
+    visible, `close` at the end."""
+    path = as_path(path)
+    return RewrittenFile(path, append=True) if is_remote(path) else open(path, "a", encoding="utf-8")
+
+
 class _EpathEventFiles:
     """tensorboardX writer factory for URLs: event files as `RewrittenFile`s through `epath`."""
 

@@ -180,6 +180,17 @@ def score_completions(prm: Any, examples: Sequence[Any], completions: Sequence[s
     return result
 
 
+def encode_rows(prm: Any, prompts: Sequence[Sequence[int]], trajectories: Sequence[Any], max_len: int) -> list:
+    """The PRM's rows (`rl.prm.PrmRow`) of executed trajectories after their prompt ids: each
+    step, its rendered result and the step tag (`jaxsql.cocte.trajectory_segments`)."""
+    from jaxsql.cocte import trajectory_segments
+    from rl.prm import encode_row
+
+    return [encode_row(prm.tokenizer, p, trajectory_segments(t, tag=prm.config.step_tag,
+                                                             max_result_chars=prm.config.max_result_chars),
+                       max_len=max_len) for p, t in zip(prompts, trajectories)]
+
+
 def score_trajectories(prm: Any, examples: Sequence[Any], trajectories: Sequence[Any], *,
                        prompt_ids: Callable[[Any], Sequence[int]], max_len: int = 2048, batch_size: int = 16
                        ) -> list[list[float]]:
@@ -189,12 +200,9 @@ def score_trajectories(prm: Any, examples: Sequence[Any], trajectories: Sequence
     their rendered results and step tags (`jaxsql.cocte.trajectory_segments`); steps past
     `max_len` tokens get no score (the list is shorter). `batch_size` rows per device call.
     """
-    from jaxsql.cocte import trajectory_segments
-    from rl.prm import assemble, encode_row
+    from rl.prm import assemble
 
-    rows = [encode_row(prm.tokenizer, prompt_ids(ex),
-                       trajectory_segments(t, tag=prm.config.step_tag, max_result_chars=prm.config.max_result_chars),
-                       max_len=max_len) for ex, t in zip(examples, trajectories)]
+    rows = encode_rows(prm, [prompt_ids(ex) for ex in examples], trajectories, max_len)
     pad = prm.tokenizer.pad_token_id if prm.tokenizer.pad_token_id is not None else 0
     step_scores: list[list[float]] = []
     for start in range(0, len(rows), batch_size):

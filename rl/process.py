@@ -8,7 +8,7 @@ the outcome reward. The run config names it ``weights.process: lambda`` with a
 1. host (the rewards thread, with the outcome rewards): every completion is
    split into steps and each step's prefix query runs on the SQL pool
    (`jaxsql.cocte.execute_completions`); the PRM rows (prompt, steps with
-   their rendered results, step tags) are tokenized (`encode_rows`);
+   their rendered results, step tags) are tokenized (`rl.prm_score.encode_rows`);
 2. device: the PRM's step scores (`PrmScorer.dispatch`: `models.prm.step_scores`
    jitted, its parameters and rows on the trainer's mesh and rules) are
    dispatched asynchronously; meanwhile the host maps each step to the
@@ -274,16 +274,6 @@ def load_process_prm(prm_dir: str, policy_tokenizer: Any, policy_dir: str, *, me
     prm = load_prm(path, mesh=mesh, rules=rules, param_dtype=param_dtype, compute_dtype=compute_dtype)
     check_matches_policy(prm, policy_tokenizer, policy_dir)
     return prm
-
-
-def encode_rows(prm: Any, prompts: Sequence[Sequence[int]], trajectories: Sequence[Any], max_len: int) -> list:
-    """The PRM's rows (`rl.prm.PrmRow`) of executed trajectories after their prompt ids."""
-    from jaxsql.cocte import trajectory_segments
-    from rl.prm import encode_row
-
-    return [encode_row(prm.tokenizer, p, trajectory_segments(t, tag=prm.config.step_tag,
-                                                             max_result_chars=prm.config.max_result_chars),
-                       max_len=max_len) for p, t in zip(prompts, trajectories)]
 
 
 class PrmScorer:

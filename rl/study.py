@@ -239,12 +239,12 @@ def _prm_label(d: demo.DemoDir, cfg: StudyConfig, pool, progress: bool) -> dict[
     from models.hf_io import load_hf_checkpoint
     from rl.prm_label import LabelSettings, policy_sampler, run_labeling
     from rl.rollout import PromptEncoder
-    from rl.setup import special_ids
+    from rl.setup import load_tokenizer, special_ids
 
     sft = cocte_sft_config(d, cfg)
     policy = d.path("checkpoints", "cocte_sft", "hf")
     mcfg, params = load_hf_checkpoint(policy)
-    tok = demo._context(d).tok
+    tok = load_tokenizer(sft.model)  # the demo's tokenizer (the run config names it)
     questions = read_examples("jsonl", str(d.path(*demo._RL_FILE)))[: cfg.label_questions]
     settings = LabelSettings(k=cfg.label_k, trajectories=cfg.label_trajectories, temperature=1.0,
                              max_new_tokens=cfg.cocte_new_tokens, batch_size=8, seed=d.config.seed,

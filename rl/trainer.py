@@ -39,7 +39,7 @@ import numpy as np
 from jaxsql.config import to_dict
 from jaxsql import distributed
 from jaxsql.distributed import any_process, is_lead_process
-from jaxsql.paths import RewrittenFile, is_remote
+from jaxsql.paths import open_append
 from jaxsql.errors import ConfigError
 from jaxsql.rewards import concat_scores
 from rl import algo, setup
@@ -94,7 +94,7 @@ class GrpoTrainer(BaseTrainer):
         self.process = self.rewards.process  # None without process rewards
         self.prm_scorer = None
         self._pool_arg = pool
-        self._samples: RewrittenFile | None = None  # samples.jsonl in a bucket (gs:// run_dir)
+        self._samples: Any = None  # samples.jsonl, opened for appending at the first logged step
         loss = algo.PolicyLossConfig(loss_agg=c.algo.loss_agg, eps_low=c.algo.eps_low,
                                      eps_high=c.algo.eps_high, beta=c.algo.beta, tis_cap=c.algo.tis_cap,
                                      max_len=c.sampling.max_new_tokens)
@@ -178,7 +178,7 @@ class GrpoTrainer(BaseTrainer):
         if self.prm_scorer is None:
             return self._score(texts, examples), None, None
         from jaxsql.cocte import execute_completions
-        from rl.process import encode_rows
+        from rl.prm_score import encode_rows
 
         # every step's prefix query first: the final step's query is the completion's SQL,
         # which the outcome reward then finds in the pool's cache
@@ -304,15 +304,11 @@ class GrpoTrainer(BaseTrainer):
         G = self.config.sampling.num_generations
         line = json.dumps({"step": step, "ids": [m["id"] for m in draw["score"].metrics[::G]],
                            "completion": draw["texts"][0][:500], "reward": float(draw["score"].rewards[0])}) + "\n"
-        if is_remote(self.run_dir):  # an object cannot be appended to: rewritten whole (jaxsql.paths)
-            if self._samples is None:
-                self._samples = RewrittenFile(self.run_dir / "samples.jsonl", append=True)
-                self._releases.append(self._samples.close)
-            self._samples.write(line)
-            self._samples.flush()
-            return
-        with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-            f.write(line)
+        if self._samples is None:  # in a bucket, rewritten whole at each flush (jaxsql.paths)
+            self._samples = open_append(self.run_dir / "samples.jsonl")
+            self._releases.append(self._samples.close)
+        self._samples.write(line)
+        self._samples.flush()
 
     def run(self, until: int | None = None, **loop_options: Any) -> dict[str, Any]:
         """`BaseTrainer.run`, plus ``skipped_updates`` (non-finite updates skipped)."""
