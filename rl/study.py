@@ -102,12 +102,12 @@ class StudyConfig:
     selectors: tuple[str, ...] = SELECTORS
     num_samples: int = 8
     n_train: int = 2000
-    n_dev: int = 300
+    n_dev: int = 200
     sft_examples: int = 2000
     rl_n_questions: int = 2000
     model: tuple[int, ...] = (192, 3, 4, 2, 576, 512)
     sft_overrides: tuple[str, ...] = ()
-    rl_overrides: tuple[str, ...] = ("steps=100",)
+    rl_overrides: tuple[str, ...] = ("steps=80",)
     cocte_sft_overrides: tuple[str, ...] = ("data.max_target_len=96", "data.max_prompt_len=200")
     cocte_new_tokens: int = 96
     label_questions: int = 128
