@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsql.errors import JaxsqlError
 from jaxsql.sharding import ShardingRules
+from models.attention import on_mesh_of
 from models.config import ModelConfig
 from models.model import KVCache, Params, forward, hidden_states, output_logits, positions_from_mask, unstack_layers
 
@@ -290,11 +291,13 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if unstack is None:
         unstack = jax.default_backend() == "cpu"
     run_cfg = cfg
+    mesh = on_mesh_of(params)  # prefill under the parameters' mesh: `auto` can place splash per chip
     if unstack:
         params = _cpu_layout(params, cfg)  # a copy, local to this call
         run_cfg = cfg.replace(tie_word_embeddings=False)  # the embedding's transpose is now lm_head
-    logits, cache, prompt_tokens, prompt_mask = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples,
-                                                         P + max_new_tokens, unstack, rows_sharding)
+    with mesh:
+        logits, cache, prompt_tokens, prompt_mask = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples,
+                                                             P + max_new_tokens, unstack, rows_sharding)
     state = _initial_state(logits, cache, prompt_tokens, prompt_mask, key, num_samples, max_new_tokens, pad,
                            rows_sharding)
     state = _decode_loop(params, state, jnp.int32(max_new_tokens), jnp.int32(np.iinfo(np.int32).max), None,
@@ -578,8 +581,10 @@ def start(model: SamplerModel, prompts: Sequence[Sequence[int]], *, key: jax.Arr
         from jaxsql import distributed
 
         tokens_NP, mask_NP = (distributed.to_global(a, model.rows, a.shape) for a in (tokens_NP, mask_NP))
-    logits, cache, prompt_tokens, prompt_mask = _prefill(model.params, jnp.asarray(tokens_NP), jnp.asarray(mask_NP),
-                                                         cfg, num_samples, slots, model.unstack, model.rows)
+    with on_mesh_of(model.params):
+        logits, cache, prompt_tokens, prompt_mask = _prefill(model.params, jnp.asarray(tokens_NP),
+                                                             jnp.asarray(mask_NP), cfg, num_samples, slots,
+                                                             model.unstack, model.rows)
     return _initial_state(logits, cache, prompt_tokens, prompt_mask, key, num_samples, capacity, pad, model.rows)
 
 
@@ -652,7 +657,9 @@ def extend(model: SamplerModel, state: DecodeState, tokens_per_row: Sequence[Seq
     state = _ensure_room(state, E, longest, model.pad_id, buckets)
     block, _ = left_pad(tokens_per_row, E, model.pad_id)
     n = np.asarray([len(t) for t in tokens_per_row], np.int32)
-    return _extend(model.params, state, jnp.asarray(block), jnp.asarray(n), model.cfg, model.unstack, model.rows)
+    block, n = jnp.asarray(block), jnp.asarray(n)
+    with on_mesh_of(model.params):  # E > 1 new tokens: `auto` can place splash per chip
+        return _extend(model.params, state, block, n, model.cfg, model.unstack, model.rows)
 
 
 @functools.partial(jax.jit, static_argnames=("unstack",))
