@@ -119,18 +119,27 @@ class ResultsLog:
     """Per-example results appended as JSON lines as they finish, read back on a rerun.
 
     A line cut off by a crash is dropped on open (and cut from the file), so
-    appending continues on a clean line.
+    appending continues on a clean line. In a bucket (``gs://``, `jaxsql.paths`), where an
+    object cannot be appended to, the file is rewritten whole at each `append`
+    (`jaxsql.paths.RewrittenFile`).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Any) -> None:
+        from jaxsql.paths import as_path, is_remote
+
+        self.path = as_path(path)
         self.rows: dict[str, dict[str, Any]] = {}
+        self._remote = None  # the RewrittenFile of a bucket path, opened at the first append
+        self._is_remote = is_remote(self.path)
         if self.path.exists():
             data = self.path.read_bytes()
             keep = data.rfind(b"\n") + 1
             if keep != len(data):
-                with self.path.open("r+b") as f:
-                    f.truncate(keep)
+                if self._is_remote:
+                    self.path.write_bytes(data[:keep])
+                else:
+                    with self.path.open("r+b") as f:
+                        f.truncate(keep)
             for lineno, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
@@ -146,12 +155,21 @@ class ResultsLog:
         rows = list(rows)
         if not rows:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, allow_nan=False, default=str) + "\n")
-                self.rows[str(r["id"])] = r
-            f.flush()
-            os.fsync(f.fileno())
+        text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False, default=str) + "\n" for r in rows)
+        if self._is_remote:
+            from jaxsql.paths import open_append
+
+            if self._remote is None:
+                self._remote = open_append(self.path)
+            self._remote.write(text)
+            self._remote.flush()
+        else:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for r in rows:
+            self.rows[str(r["id"])] = r
 
 
 # ---------------------------------------------------------------------------

@@ -189,3 +189,55 @@ def test_grpo_run_in_a_bucket(tiny_env, bucket, tmp_path):
     assert [x["step"] for x in samples] == [0, 1] and all(len(x["ids"]) == 2 for x in samples)
     assert [json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in (r / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+@pytest.mark.slow  # a short PRM run and two tiny evaluations through the emulator
+def test_prm_train_and_eval_out_in_a_bucket(tiny_env, bucket, tmp_path, capsys):
+    """`jaxsql prm train` from a PRM (here the policy, an lm head) and a label file in the bucket
+    into a bucket run directory; `jaxsql eval --out gs://...` with that PRM from the bucket
+    (`--prm`), and its rerun resuming from the bucket's results file."""
+    from jaxsql.paths import upload_dir
+
+    from .test_prm_train import _records
+
+    model = f"{bucket}/models/prm-init"
+    upload_dir(tiny_env["model"], model)
+    labels = as_path(f"{bucket}/labels/labels.jsonl")
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    labels.write_text("".join(json.dumps(r.to_json()) + "\n" for r in _records(tiny_env["bench"], 16)))
+    run = f"{bucket}/runs/prm"
+    (tmp_path / "none.yaml").write_text("{}\n")
+    over = {"run_dir": run, "model.path": model, "data.labels": str(labels), "data.heldout_fraction": 0.25,
+            "data.batch_size": 8, "data.max_prompt_len": 48, "prm.max_len": 400, "steps": 2, "progress": False,
+            "tensorboard": False, "checkpoint.async_save": False, "mesh.data": 1}
+    assert main(["prm", "train", "--config", str(tmp_path / "none.yaml"),
+                 *[f"{k}={v}" for k, v in over.items()]]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    r = as_path(run)
+    assert {json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()} >= {1, 2}
+    assert (r / "hf" / "config.json").exists() and (r / "hf" / "jaxsql_prm.json").exists()
+    assert sorted(p.name for p in (r / "checkpoints").iterdir() if p.name.isdigit())[-1] == "2"
+
+    out = f"{bucket}/evals/bon"
+    argv = ["eval", "--model", tiny_env["model"], "--data", f"synthetic:{tiny_env['synthetic']}:dev",
+            "--prompt-format", "cocte", "--max-new-tokens", "8", "--max-prompt-len", "48", "--batch-size", "8",
+            "--devices", "1", "--no-progress", "--prm", f"{run}/hf", "--select", "prm-best-of-n",
+            "--num-samples", "2", "--out", out]
+    assert main(argv) == 0
+    capsys.readouterr()
+    o = as_path(out)
+    rows = [json.loads(x) for x in (o / "results.jsonl").read_text().splitlines()]
+    n = len(tiny_env["bench"].dev)
+    assert len(rows) == n and all(x["samples"] == 2 for x in rows)
+    metrics = json.loads((o / "metrics.json").read_text())
+    assert metrics["config"]["prm"] == f"{run}/hf" and (o / metrics["predictions_file"]).exists()
+    assert (o / "metrics.md").exists()
+    # a rerun resumes from the bucket's results (nothing is generated again, nothing duplicated)
+    (o / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:-1]) + '{"id": "cut')
+    assert main(argv) == 0
+    capsys.readouterr()
+    again = [json.loads(x) for x in (o / "results.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in again] == [x["id"] for x in rows]
+    # another run's settings into the same bucket directory are refused, as locally
+    assert main([*argv, "--seed", "7"]) == 1
+    assert "holds a run with different settings" in capsys.readouterr().err
