@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -125,49 +124,29 @@ class ResultsLog:
     """
 
     def __init__(self, path: Any) -> None:
-        from jaxsql.paths import as_path, is_remote
+        from jaxsql.paths import LineAppender, whole_lines
 
-        self.path = as_path(path)
         self.rows: dict[str, dict[str, Any]] = {}
-        self._remote = None  # the RewrittenFile of a bucket path, opened at the first append
-        self._is_remote = is_remote(self.path)
-        if self.path.exists():
-            data = self.path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                if self._is_remote:
-                    self.path.write_bytes(data[:keep])
-                else:
-                    with self.path.open("r+b") as f:
-                        f.truncate(keep)
-            for lineno, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    self.rows[str(row["id"])] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise JaxsqlError(f"{self.path}:{lineno}: not a results line; move the file away "
-                                      f"to start over") from None
+        data = whole_lines(path)
+        self._file = LineAppender(path)
+        self.path = self._file.path
+        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.rows[str(row["id"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise JaxsqlError(f"{self.path}:{lineno}: not a results line; move the file away "
+                                  f"to start over") from None
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Write `rows` and flush them to disk."""
+        """Write `rows` and flush them to disk (or the bucket)."""
         rows = list(rows)
         if not rows:
             return
-        text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False, default=str) + "\n" for r in rows)
-        if self._is_remote:
-            from jaxsql.paths import open_append
-
-            if self._remote is None:
-                self._remote = open_append(self.path)
-            self._remote.write(text)
-            self._remote.flush()
-        else:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+        self._file.append("".join(json.dumps(r, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+                                  for r in rows))
         for r in rows:
             self.rows[str(r["id"])] = r
 

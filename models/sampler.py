@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxsql.distributed import last_level_cache_bytes
 from jaxsql.errors import JaxsqlError
 from jaxsql.sharding import ShardingRules
 from models.attention import on_mesh_of
@@ -734,19 +734,6 @@ def batch_sharding(params: Params, rules: ShardingRules | None = None) -> tuple[
     if shards == 1 and mesh.size == 1:
         return None, 1
     return NamedSharding(mesh, PartitionSpec(tuple(names) or None, None)), shards
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of CPU 0's largest cache (Linux sysfs), or None when it cannot be read."""
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip().upper()
-        try:
-            value = int(text.rstrip("KMG"))
-        except ValueError:
-            continue
-        sizes.append(value * {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1))
-    return max(sizes) if sizes else None
 
 
 def sampling_devices(param_bytes: int, devices: Sequence[Any] | None = None) -> list[Any]:

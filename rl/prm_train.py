@@ -104,12 +104,16 @@ def check_label_policy(records_path: str | Path, prm_tokenizer: Any) -> None:
         policy = json.loads(meta_path.read_text()).get("policy")
     except (json.JSONDecodeError, AttributeError):
         return
-    if not policy or not Path(policy).is_dir():
+    if not policy or not as_path(policy).is_dir():
         return
     from transformers import AutoTokenizer
 
+    from jaxsql.paths import local_dir
+    from models.hf_io import TOKENIZER_FILES
+
     try:
-        tok = AutoTokenizer.from_pretrained(policy, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(local_dir(policy, "policy", only=(*TOKENIZER_FILES, "config.json")),
+                                            local_files_only=True)
     except Exception:  # the policy's tokenizer is unreadable: nothing to compare
         return
     if not same_tokenizer(tok, prm_tokenizer):
@@ -276,10 +280,12 @@ class PrmTrainer(BaseTrainer):
         from rl.setup import tokenizer_dir
 
         from jaxsql.paths import is_remote, local_dir, upload_dir
+        from models.hf_io import TOKENIZER_FILES
 
         if not is_lead_process():
             return out_dir
-        tok = local_dir(tokenizer_dir(self.config.model), "ModelSection.tokenizer")
+        tok = local_dir(tokenizer_dir(self.config.model), "ModelSection.tokenizer",
+                        only=(*TOKENIZER_FILES, "config.json"))
         if is_remote(out_dir):  # a bucket: written locally, then copied through etils.epath
             import tempfile
 

@@ -201,7 +201,7 @@ def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
     if args.predictions is not None:
         cfg.update(predictions=str(Path(args.predictions).resolve()), format=args.format)
     else:
-        cfg.update(model=str(Path(args.model).resolve()), select=args.select, n=_samples(args),
+        cfg.update(model=args.model if is_remote(args.model) else str(Path(args.model).resolve()), select=args.select, n=_samples(args),
                    temperature=args.temperature if args.select != "greedy" else None,
                    top_p=args.top_p if args.select != "greedy" else None, seed=args.seed,
                    prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
@@ -293,8 +293,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from jaxsql.cli.model_cmds import load_tokenizer
     from models.config import load_hf_config
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
+    model_dir = args.model  # local, or gs://... (config and tokenizer read through jaxsql.paths)
+    if not as_path(model_dir).is_dir():
         raise JaxsqlError(f"--model {model_dir}: not a directory")
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
     cfg = load_hf_config(model_dir, **overrides)

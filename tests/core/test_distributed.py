@@ -51,3 +51,38 @@ def test_cpu_device_count_reaches_a_fresh_jax_process():
             "import jax; print(len(jax.devices()))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "3"
+
+
+def test_auto_gives_a_job_sampling_a_model_larger_than_the_cache_one_device(monkeypatch, tmp_path):
+    """Auto: one device per core, but one device for a standalone sampling job whose weights
+    exceed the last-level cache (docs/scale.md, "The CPU path"); an explicit count still wins."""
+    import json
+
+    from jaxsql.cli import build_parser, sampling_bytes
+    from models.config import preset
+
+    monkeypatch.setattr(distributed, "last_level_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)  # no accelerator plugin
+    big, small = (32 << 20) + 1, 32 << 20
+    assert distributed.configure_cpu_devices({}, sampling_bytes=big) == 1
+    assert distributed.configure_cpu_devices({}, sampling_bytes=small) == 2
+    assert distributed.configure_cpu_devices({}) == 2
+    assert distributed.configure_cpu_devices({"JAXSQL_CPU_DEVICES": "2"}, sampling_bytes=big) == 2
+    monkeypatch.setattr(distributed, "last_level_cache_bytes", lambda: None)  # unknown cache: per core
+    assert distributed.configure_cpu_devices({}, sampling_bytes=big) == 2
+
+    # the CLI reads the model's size from its config.json, for jobs that sample with --devices auto
+    for name in ("mid", "tiny"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(preset(name).to_hf_dict()))
+    parse = build_parser().parse_args
+    mid = str(tmp_path / "mid")
+    assert sampling_bytes(parse(["bench", "generate", "--model", mid])) == preset("mid").num_params() * 4
+    assert sampling_bytes(parse(["bench", "generate", "--model", mid, "--dtype", "bfloat16"])) == \
+        preset("mid").num_params() * 2
+    assert sampling_bytes(parse(["generate", "--model", str(tmp_path / "tiny"), "--prompt", "x"])) == \
+        preset("tiny").num_params() * 4
+    assert sampling_bytes(parse(["bench", "generate", "--model", mid, "--devices", "2"])) is None
+    assert sampling_bytes(parse(["bench", "generate", "--model", str(tmp_path / "missing")])) is None
+    assert sampling_bytes(parse(["plan", "--model", "mid", "--chip", "v5p"])) is None
