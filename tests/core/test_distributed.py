@@ -44,6 +44,23 @@ def test_cpu_device_count_from_the_environment():
             distributed.configure_cpu_devices({"JAXSQL_CPU_DEVICES": bad})
 
 
+def test_the_cli_sets_the_device_count_before_jax_starts():
+    """`jaxsql` parses its arguments, then sets the CPU device count: building the parser must
+    not import JAX (a command that read a default from a module importing JAX made every
+    command run on one CPU device, whatever JAXSQL_CPU_DEVICES said)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(JAXSQL_CPU_DEVICES="3", JAX_PLATFORMS="cpu")
+    code = ("import sys; from jaxsql.cli import build_parser, sampling_bytes; "
+            "from jaxsql.distributed import configure_cpu_devices; "
+            "args = build_parser().parse_args(['plan', '--model', 'mid', '--chip', 'v5p']); "
+            "assert 'jax' not in sys.modules, 'the parser imported jax'; "
+            "configure_cpu_devices(sampling_bytes=sampling_bytes(args)); "
+            "import jax; print(len(jax.devices()))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "3"
+
+
 def test_cpu_device_count_reaches_a_fresh_jax_process():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env.update(JAXSQL_CPU_DEVICES="3", JAX_PLATFORMS="cpu")
