@@ -12,8 +12,9 @@
   kernel can be placed (one device, or a mesh set with `jax.set_mesh`), else
   xla. Every caller that runs T > 1 queries on sharded parameters sets their
   mesh (`on_mesh_of`): the update (`rl.train_step`), the sampler's prefill and
-  `extend` (`models.sampler`), and the reference/old log-probs
-  (`rl.rollout.completion_logprobs`).
+  `extend` (`models.sampler`), the reference/old log-probs
+  (`rl.rollout.completion_logprobs`) and the PRM's step scores
+  (`rl.process.PrmScorer`).
 
 A named implementation that cannot run where it is asked to (cudnn off a CUDA
 GPU or in float32, splash off a TPU or on several TPU devices without a mesh

@@ -311,6 +311,9 @@ class PrmScorer:
             n = x.shape[0] * distributed.process_count()
             return distributed.rows_to_global(x, batch_sharding(self.mesh, self.rules, (n,) + x.shape[1:]))
 
+        from models.attention import on_mesh_of
+
         p = self.prm
-        return score_steps(p.params, p.model_config, p.config.head, p.candidates, put(tokens), put(mask),
-                           put(positions))
+        tokens, mask, positions = put(tokens), put(mask), put(positions)
+        with on_mesh_of(p.params):  # the trainer's mesh: `auto` places splash per chip, as in the update
+            return score_steps(p.params, p.model_config, p.config.head, p.candidates, tokens, mask, positions)
