@@ -180,8 +180,10 @@ def read_saved_settings(path: str | Path, what: str) -> dict[str, Any]:
     `JaxsqlError` naming it as `what` (e.g. "demo marker"), with the advice to
     choose another output; nothing is overwritten.
     """
+    from jaxsql.paths import as_path
+
     try:
-        saved = json.loads(Path(path).read_text())
+        saved = json.loads(as_path(path).read_text())  # local or gs://
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise JaxsqlError(f"{path}: unreadable {what} ({e}); choose another --out") from None
     if not isinstance(saved, dict):

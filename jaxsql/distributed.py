@@ -3,7 +3,12 @@
 `configure_cpu_devices` splits a CPU-only host into one XLA device per core
 (``JAXSQL_CPU_DEVICES``): XLA:CPU spreads one small matmul over two cores
 poorly, while two devices that each decode half of the batch keep both
-busy, so the sampler runs data parallel over them (`models.sampler`).
+busy, so the sampler runs data parallel over them (`models.sampler`). A
+job that only samples from a model larger than the last-level cache gets
+ONE device instead: such a model is decoded on one device anyway
+(`models.sampler.sampling_devices`), and XLA:CPU gives each device its own
+share of the cores, so one device of two decodes on fewer threads
+(measured in docs/scale.md, "The CPU path").
 
 On a Cloud TPU pod every host runs the same command; `tpu_scripts/launch.sh`
 sets ``JAXSQL_DISTRIBUTED=1`` and JAX reads the coordinator from the TPU
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, MutableMapping
 
 if TYPE_CHECKING:
@@ -30,13 +36,32 @@ MAX_AUTO_CPU_DEVICES = 8
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
 
-def configure_cpu_devices(environ: MutableMapping[str, str] | None = None) -> int | None:
+def last_level_cache_bytes() -> int | None:
+    """Size of CPU 0's largest cache (Linux sysfs), or None when it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        try:
+            value = int(text.rstrip("KMG"))
+        except ValueError:
+            continue
+        sizes.append(value * {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1))
+    return max(sizes) if sizes else None
+
+
+def configure_cpu_devices(environ: MutableMapping[str, str] | None = None, *,
+                          sampling_bytes: int | None = None) -> int | None:
     """Set the number of XLA CPU devices before JAX starts; returns the number set (None: left alone).
 
     ``JAXSQL_CPU_DEVICES`` is ``auto`` (default) or a positive integer. Auto
     gives one device per core available to this process, at most
-    `MAX_AUTO_CPU_DEVICES`, and does nothing when an accelerator plugin
-    (CUDA, ROCm, TPU) is installed: there the CPU devices do no work. A count
+    `MAX_AUTO_CPU_DEVICES`; but one device when `sampling_bytes` (given by
+    the CLI for a job that samples on its own, ``--devices auto``: the
+    weights' bytes of its model) exceeds the last-level cache, since such a
+    model decodes on one device (`models.sampler.sampling_devices`) and one
+    device of several runs on a share of the cores. Auto does nothing when
+    an accelerator plugin (CUDA, ROCm, TPU) is installed: there the CPU
+    devices do no work. A count
     the user already chose (``JAX_NUM_CPU_DEVICES``, or
     ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``) wins. Has
     no effect once JAX has created its backends, so the CLI calls it first.
@@ -49,6 +74,10 @@ def configure_cpu_devices(environ: MutableMapping[str, str] | None = None) -> in
         if any(importlib.util.find_spec(m) is not None for m in _ACCELERATOR_PLUGINS):
             return None
         count = min(len(os.sched_getaffinity(0)), MAX_AUTO_CPU_DEVICES)
+        if sampling_bytes is not None and count > 1:
+            cache = last_level_cache_bytes()
+            if cache is not None and sampling_bytes > cache:
+                count = 1
     else:
         try:
             count = int(requested)

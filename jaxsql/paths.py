@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from jaxsql.errors import JaxsqlError
 
@@ -63,23 +63,24 @@ def _cache_root() -> Path:
     return Path(root)
 
 
-def local_dir(path: Any, what: str = "directory") -> Path:
+def local_dir(path: Any, what: str = "directory", only: Sequence[str] | None = None) -> Path:
     """A local directory with the files of `path`: `path` itself when local; a remote directory
-    copied (top-level files only, what HF checkpoints and tokenizers hold) into a directory of
-    this process under `_cache_root` (removed when the process exits), fetched again on every
-    call so a changed bucket is never read stale."""
+    copied (top-level files only, what HF checkpoints and tokenizers hold; with `only`, just
+    the files of those names, e.g. a tokenizer without the weights) into a directory of this
+    process under `_cache_root` (removed when the process exits), fetched again on every call
+    so a changed bucket is never read stale."""
     if not is_remote(path):
         return Path(path)
     src = as_path(path)
     try:
         if not src.is_dir():
             raise JaxsqlError(f"{what} {path}: not found (no such directory in the bucket)")
-        files = [p for p in src.iterdir() if not p.is_dir()]
+        files = [p for p in src.iterdir() if (only is None or p.name in only) and not p.is_dir()]
     except JaxsqlError:
         raise
     except Exception as e:  # the backend's own errors (permissions, network)
         raise JaxsqlError(f"{what} {path}: cannot list it ({type(e).__name__}: {e})") from None
-    key = hashlib.sha256(os.fspath(path).rstrip("/").encode()).hexdigest()[:16]
+    key = hashlib.sha256((os.fspath(path).rstrip("/") + repr(sorted(only or ()))).encode()).hexdigest()[:16]
     dst = _cache_root() / f"{key}-{os.getpid()}"  # per process: processes sharing a host never race
     if dst not in _STAGED:
         _STAGED.add(dst)
@@ -182,3 +183,41 @@ def register_tensorboard_urls(path: Any) -> None:
     scheme = os.fspath(path).split("://", 1)[0]
     if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathEventFiles):
         record_writer.register_writer_factory(scheme, _EpathEventFiles())
+
+
+def whole_lines(path: Any) -> bytes:
+    """The bytes of the local or remote file `path` up to its last newline (b"" when it does
+    not exist). A last line cut off mid-write (a crash) is cut from the file too: truncated
+    on local disk, the object rewritten in a bucket, so appending continues on a clean line."""
+    path = as_path(path)
+    if not path.exists():
+        return b""
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        if is_remote(path):
+            path.write_bytes(data[:keep])
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+    return data[:keep]
+
+
+class LineAppender:
+    """Appends text to a local or remote file, durable at each `append`: on local disk an
+    append, flush and fsync; in a bucket, where objects cannot be appended to, a
+    `RewrittenFile` (the object rewritten whole, starting from its existing content)."""
+
+    def __init__(self, path: Any):
+        self.path = as_path(path)
+        self._remote = RewrittenFile(self.path, append=True) if is_remote(self.path) else None
+
+    def append(self, text: str) -> None:
+        if self._remote is not None:
+            self._remote.write(text)
+            self._remote.flush()
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())

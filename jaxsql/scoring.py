@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -119,39 +118,37 @@ class ResultsLog:
     """Per-example results appended as JSON lines as they finish, read back on a rerun.
 
     A line cut off by a crash is dropped on open (and cut from the file), so
-    appending continues on a clean line.
+    appending continues on a clean line. In a bucket (``gs://``, `jaxsql.paths`), where an
+    object cannot be appended to, the file is rewritten whole at each `append`
+    (`jaxsql.paths.RewrittenFile`).
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Any) -> None:
+        from jaxsql.paths import LineAppender, whole_lines
+
         self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            data = self.path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                with self.path.open("r+b") as f:
-                    f.truncate(keep)
-            for lineno, line in enumerate(data[:keep].decode("utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    self.rows[str(row["id"])] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise JaxsqlError(f"{self.path}:{lineno}: not a results line; move the file away "
-                                      f"to start over") from None
+        data = whole_lines(path)
+        self._file = LineAppender(path)
+        self.path = self._file.path
+        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.rows[str(row["id"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise JaxsqlError(f"{self.path}:{lineno}: not a results line; move the file away "
+                                  f"to start over") from None
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Write `rows` and flush them to disk."""
+        """Write `rows` and flush them to disk (or the bucket)."""
         rows = list(rows)
         if not rows:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False, allow_nan=False, default=str) + "\n")
-                self.rows[str(r["id"])] = r
-            f.flush()
-            os.fsync(f.fileno())
+        self._file.append("".join(json.dumps(r, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+                                  for r in rows))
+        for r in rows:
+            self.rows[str(r["id"])] = r
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,11 @@
 - ``auto``: CPU: xla. GPU: cudnn when the compute dtype is bfloat16 or
   float16 (cuDNN has no float32 flash kernel), else xla. TPU: splash when the
   kernel can be placed (one device, or a mesh set with `jax.set_mesh`), else
-  xla.
+  xla. Every caller that runs T > 1 queries on sharded parameters sets their
+  mesh (`on_mesh_of`): the update (`rl.train_step`), the sampler's prefill and
+  `extend` (`models.sampler`), the reference/old log-probs
+  (`rl.rollout.completion_logprobs`) and the PRM's step scores
+  (`rl.process.PrmScorer`).
 
 A named implementation that cannot run where it is asked to (cudnn off a CUDA
 GPU or in float32, splash off a TPU or on several TPU devices without a mesh
@@ -115,6 +119,19 @@ def _context_mesh():
     """The mesh set with `jax.set_mesh` (None when there is none)."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
+
+
+def on_mesh_of(tree) -> contextlib.AbstractContextManager:
+    """`jax.set_mesh` of the mesh `tree`'s arrays live on (its first leaf's `NamedSharding`), for a
+    jitted call on them: with it, ``auto`` places the splash kernel on each device of a multi-chip
+    TPU (under `jax.shard_map`), where without it the call gets ``xla``. The mesh is the one the
+    arrays are sharded on, so each caller gets its own (the trainer's for the update and the
+    log-probs, the sampling devices' for a standalone sampler). A no-op context for arrays on no
+    mesh (e.g. one device, committed without a mesh) or when a mesh is already set."""
+    sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None) if jax.tree.leaves(tree) else None
+    if not isinstance(sharding, jax.sharding.NamedSharding) or _context_mesh() is not None:
+        return contextlib.nullcontext()
+    return jax.set_mesh(sharding.mesh)
 
 
 def resolve(name: str, compute_dtype: str) -> str:

@@ -247,8 +247,11 @@ class ModelConfig:
 
 
 def load_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
-    """Read ``DIR/config.json`` into a `ModelConfig` (overrides e.g. param_dtype)."""
-    path = Path(model_dir) / "config.json"
+    """Read ``DIR/config.json`` into a `ModelConfig` (overrides e.g. param_dtype); DIR local or
+    in a bucket (``gs://``, `jaxsql.paths`)."""
+    from jaxsql.paths import as_path
+
+    path = as_path(model_dir) / "config.json"
     if not path.is_file():
         raise JaxsqlError(f"{path}: no config.json (is {model_dir} an HF checkpoint directory?)")
     try:

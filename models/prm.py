@@ -314,15 +314,18 @@ def read_sidecar(model_dir: str | Path) -> tuple[PrmConfig, dict[str, Any]] | No
 
 def load_prm(model_dir: str | Path, *, head: str | None = None, mesh=None, rules=None,
              param_dtype: str | None = None, compute_dtype: str | None = None) -> Prm:
-    """Load a PRM directory (see the module docstring).
+    """Load a PRM directory (see the module docstring), local or in a bucket (``gs://``: copied
+    to local disk first, `jaxsql.paths.local_dir`).
 
     `head`, when given, is the head the caller expects; a directory holding
     the other one is a JaxsqlError, as is a ``jaxsql_prm.json`` whose head
     or candidate ids disagree with the checkpoint and its tokenizer.
     """
+    from jaxsql.paths import local_dir
     from models.hf_io import load_hf_checkpoint
 
-    model_dir = Path(model_dir)
+    where = str(model_dir)
+    model_dir = local_dir(model_dir, "PRM directory")  # gs://: staged to local disk once
     found = checkpoint_head(model_dir)
     side = read_sidecar(model_dir)
     prm_cfg, recorded = side if side is not None else (PrmConfig(head=found), {})
@@ -338,7 +341,7 @@ def load_prm(model_dir: str | Path, *, head: str | None = None, mesh=None, rules
     if recorded and tuple(recorded.get("candidates", cands)) != cands:
         raise JaxsqlError(f"{model_dir}: {SIDECAR} records candidate ids {recorded['candidates']} but the "
                           f"tokenizer gives {list(cands)}: the tokenizer does not belong to this PRM")
-    return Prm(prm_cfg, cfg, params, cands, tok, str(model_dir))
+    return Prm(prm_cfg, cfg, params, cands, tok, where)
 
 
 def save_prm(out_dir: str | Path, prm_cfg: PrmConfig, cfg: ModelConfig, params: Params, *,

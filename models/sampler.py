@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -38,8 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxsql.distributed import last_level_cache_bytes
 from jaxsql.errors import JaxsqlError
 from jaxsql.sharding import ShardingRules
+from models.attention import on_mesh_of
 from models.config import ModelConfig
 from models.model import KVCache, Params, forward, hidden_states, output_logits, positions_from_mask, unstack_layers
 
@@ -290,11 +291,13 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if unstack is None:
         unstack = jax.default_backend() == "cpu"
     run_cfg = cfg
+    mesh = on_mesh_of(params)  # prefill under the parameters' mesh: `auto` can place splash per chip
     if unstack:
         params = _cpu_layout(params, cfg)  # a copy, local to this call
         run_cfg = cfg.replace(tie_word_embeddings=False)  # the embedding's transpose is now lm_head
-    logits, cache, prompt_tokens, prompt_mask = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples,
-                                                         P + max_new_tokens, unstack, rows_sharding)
+    with mesh:
+        logits, cache, prompt_tokens, prompt_mask = _prefill(params, tokens_NP, mask_NP, run_cfg, num_samples,
+                                                             P + max_new_tokens, unstack, rows_sharding)
     state = _initial_state(logits, cache, prompt_tokens, prompt_mask, key, num_samples, max_new_tokens, pad,
                            rows_sharding)
     state = _decode_loop(params, state, jnp.int32(max_new_tokens), jnp.int32(np.iinfo(np.int32).max), None,
@@ -578,8 +581,10 @@ def start(model: SamplerModel, prompts: Sequence[Sequence[int]], *, key: jax.Arr
         from jaxsql import distributed
 
         tokens_NP, mask_NP = (distributed.to_global(a, model.rows, a.shape) for a in (tokens_NP, mask_NP))
-    logits, cache, prompt_tokens, prompt_mask = _prefill(model.params, jnp.asarray(tokens_NP), jnp.asarray(mask_NP),
-                                                         cfg, num_samples, slots, model.unstack, model.rows)
+    with on_mesh_of(model.params):
+        logits, cache, prompt_tokens, prompt_mask = _prefill(model.params, jnp.asarray(tokens_NP),
+                                                             jnp.asarray(mask_NP), cfg, num_samples, slots,
+                                                             model.unstack, model.rows)
     return _initial_state(logits, cache, prompt_tokens, prompt_mask, key, num_samples, capacity, pad, model.rows)
 
 
@@ -652,7 +657,9 @@ def extend(model: SamplerModel, state: DecodeState, tokens_per_row: Sequence[Seq
     state = _ensure_room(state, E, longest, model.pad_id, buckets)
     block, _ = left_pad(tokens_per_row, E, model.pad_id)
     n = np.asarray([len(t) for t in tokens_per_row], np.int32)
-    return _extend(model.params, state, jnp.asarray(block), jnp.asarray(n), model.cfg, model.unstack, model.rows)
+    block, n = jnp.asarray(block), jnp.asarray(n)
+    with on_mesh_of(model.params):  # E > 1 new tokens: `auto` can place splash per chip
+        return _extend(model.params, state, block, n, model.cfg, model.unstack, model.rows)
 
 
 @functools.partial(jax.jit, static_argnames=("unstack",))
@@ -727,19 +734,6 @@ def batch_sharding(params: Params, rules: ShardingRules | None = None) -> tuple[
     if shards == 1 and mesh.size == 1:
         return None, 1
     return NamedSharding(mesh, PartitionSpec(tuple(names) or None, None)), shards
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of CPU 0's largest cache (Linux sysfs), or None when it cannot be read."""
-    sizes = []
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip().upper()
-        try:
-            value = int(text.rstrip("KMG"))
-        except ValueError:
-            continue
-        sizes.append(value * {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1))
-    return max(sizes) if sizes else None
 
 
 def sampling_devices(param_bytes: int, devices: Sequence[Any] | None = None) -> list[Any]:

@@ -301,8 +301,11 @@ def record_from_json(d: Any, where: str) -> LabelRecord:
 
 def json_lines(path: str | Path, what: str = "file") -> Iterator[tuple[str, Any]]:
     """``(file:line, parsed value)`` of every non-blank line of a JSONL file; a missing file or
-    a line that is not JSON is one `JaxsqlError` naming it."""
-    path = Path(path)
+    a line that is not JSON is one `JaxsqlError` naming it. A local file or one in a bucket
+    (``gs://``, `jaxsql.paths`)."""
+    from jaxsql.paths import as_path
+
+    path = as_path(path)
     if not path.is_file():
         raise JaxsqlError(f"{what} not found: {path}")
     with path.open(encoding="utf-8") as f:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from data.records import Example
 from jaxsql.config import changed_settings, read_saved_settings, require
 from jaxsql.errors import JaxsqlError
+from jaxsql.paths import AnyPath, LineAppender, as_path, whole_lines
 from rl.prm import LabelRecord, StepLabel, record_from_json
 
 #: ``sample(prompt_ids, prefixes, n, seed) -> texts``: n continuations of each prompt + prefix text.
@@ -175,19 +175,13 @@ def policy_sampler(params: Any, cfg: Any, tokenizer: Any, *, settings: LabelSett
 # --- the labelling run (resumable) ---------------------------------------------------------------
 
 
-def _meta_path(out: Path) -> Path:
-    return out.with_name(out.name + ".meta.json")
+def _meta_path(out: AnyPath) -> AnyPath:
+    return out.parent / (out.name + ".meta.json")
 
 
-def _done_ids(out: Path) -> set[str]:
+def _done_ids(out: AnyPath) -> set[str]:
     """Example ids already in the label file; a last line cut off mid-write is dropped."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with out.open("r+b") as f:
-            f.truncate(len(data))
+    data = whole_lines(out)
     done = set()
     for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if line.strip():
@@ -204,7 +198,7 @@ def open_label_run(out: str | Path, meta: dict[str, Any]) -> set[str]:
     A label file written with other settings, or a file that is not a label
     file, is refused with one clear error (nothing is overwritten).
     """
-    out = Path(out)
+    out = as_path(out)  # local, or gs://... (jaxsql.paths)
     meta_path = _meta_path(out)
     if meta_path.exists():
         old = read_saved_settings(meta_path, "label settings")
@@ -214,11 +208,11 @@ def open_label_run(out: str | Path, meta: dict[str, Any]) -> set[str]:
             raise JaxsqlError(f"{out} was labelled with other settings ({changes}); choose another --out "
                               f"to start over")
         return _done_ids(out)
-    if out.exists() and out.stat().st_size > 0:
+    if out.exists() and out.read_bytes():
         raise JaxsqlError(f"{out} exists and has no {meta_path.name}; it is not a label run to resume")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    out.touch()
+    out.write_text("")
     return set()
 
 
@@ -230,8 +224,9 @@ def run_labeling(examples: Sequence[Example], out: str | Path, *, pool: Any,
     last finished batch and gives the same file as an uninterrupted run."""
     from tqdm import tqdm
 
-    out = Path(out)
+    out = as_path(out)
     done = open_label_run(out, {**meta, **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()}})
+    appender = LineAppender(out)  # durable per batch; in a bucket the object is rewritten whole
     bs = settings.batch_size
     batches = [list(examples[s:s + bs]) for s in range(0, len(examples), bs)]
     todo = [(b, batch) for b, batch in enumerate(batches) if not all(e.id in done for e in batch)]
@@ -248,10 +243,7 @@ def run_labeling(examples: Sequence[Example], out: str | Path, *, pool: Any,
         records = label_completions(exs, comps, idx, pool=pool, prompt_ids=prompt_ids, sample=sample,
                                     settings=settings, seed=seed + 500_009)
         lines = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
-        with out.open("a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        appender.append(lines)
         stats["records"] += len(records)
         stats["steps"] += sum(len(r.steps) for r in records)
         stats["positive_steps"] += sum(s.hard > 0 for r in records for s in r.steps)

@@ -57,8 +57,9 @@ def split_heldout(records: Sequence[LabelRecord], fraction: float, seed: int
     return [r for r in records if r.example.id not in held], [r for r in records if r.example.id in held]
 
 
-def resolve_prm_config(config: PrmTrainConfig) -> tuple[Any, str]:
-    """(the `models.prm.PrmConfig` being trained, the head found in ``model.path``).
+def resolve_prm_config(config: PrmTrainConfig, model_dir: str | Path | None = None) -> tuple[Any, str]:
+    """(the `models.prm.PrmConfig` being trained, the head found in ``model.path``; `model_dir`:
+    its local copy when it lives in a bucket).
 
     A directory's ``jaxsql_prm.json`` gives the step tag and candidates (a
     plain causal LM: the released defaults). A value-head directory cannot be
@@ -70,10 +71,12 @@ def resolve_prm_config(config: PrmTrainConfig) -> tuple[Any, str]:
     from models.prm import PrmConfig, checkpoint_head, read_sidecar
 
     path = config.model.path
-    if not Path(path).is_dir():
-        raise JaxsqlError(f"ModelSection.path: {path} is not a directory")
-    found = checkpoint_head(path)
-    side = read_sidecar(path)
+    if model_dir is None:
+        if not Path(path).is_dir():
+            raise JaxsqlError(f"ModelSection.path: {path} is not a directory")
+        model_dir = path
+    found = checkpoint_head(model_dir)
+    side = read_sidecar(model_dir)
     want = config.prm.head
     if found == "value" and want == "lm":
         raise JaxsqlError(f"ModelSection.path: {path} holds a 'value'-head PRM but prm.head is 'lm'; set "
@@ -92,19 +95,25 @@ def check_label_policy(records_path: str | Path, prm_tokenizer: Any) -> None:
 
     from models.prm import same_tokenizer
 
-    meta_path = Path(str(records_path) + ".meta.json")
+    from jaxsql.paths import as_path
+
+    meta_path = as_path(str(records_path) + ".meta.json")  # local or beside a label file in a bucket
     if not meta_path.is_file():
         return
     try:
         policy = json.loads(meta_path.read_text()).get("policy")
     except (json.JSONDecodeError, AttributeError):
         return
-    if not policy or not Path(policy).is_dir():
+    if not policy or not as_path(policy).is_dir():
         return
     from transformers import AutoTokenizer
 
+    from jaxsql.paths import local_dir
+    from models.hf_io import TOKENIZER_FILES
+
     try:
-        tok = AutoTokenizer.from_pretrained(policy, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(local_dir(policy, "policy", only=(*TOKENIZER_FILES, "config.json")),
+                                            local_files_only=True)
     except Exception:  # the policy's tokenizer is unreadable: nothing to compare
         return
     if not same_tokenizer(tok, prm_tokenizer):
@@ -122,8 +131,14 @@ class PrmTrainer(BaseTrainer):
         from rl import setup
 
         self.eval_history: list[dict[str, float]] = []
+        from jaxsql.paths import is_remote, local_dir
+
+        # A model directory in a bucket is copied to local disk once (jaxsql.paths.local_dir);
+        # the config keeps its gs:// path.
+        remote = is_remote(config.model.path)
+        self._model_dir = local_dir(config.model.path, "ModelSection.path") if remote else None
         # The loss settings hold the candidate ids: resolved (read-only) before the run starts.
-        self.prm_cfg, self._found_head = resolve_prm_config(config)
+        self.prm_cfg, self._found_head = resolve_prm_config(config, self._model_dir)
         self.candidates = candidate_ids(self.prm_cfg, setup.load_tokenizer(config.model))
         step_config = StepConfig(loss="prm_bce", loss_config=PrmLossConfig(self.prm_cfg.head, self.candidates),
                                  micro_batches=config.optim.micro_batches)
@@ -136,7 +151,7 @@ class PrmTrainer(BaseTrainer):
 
         c = self.config
         # the config's sharding rules, like the policy trainers' state (rl.base_trainer)
-        prm = load_prm(c.model.path, head=self._found_head, mesh=self.mesh, rules=self.rules, param_dtype=c.model.param_dtype,
+        prm = load_prm(self._model_dir or c.model.path, head=self._found_head, mesh=self.mesh, rules=self.rules, param_dtype=c.model.param_dtype,
                        compute_dtype=c.model.compute_dtype)
         check_matches_policy(prm, self.tokenizer, c.model.tokenizer or c.model.path)
         if prm.candidates != self.candidates:
@@ -265,10 +280,12 @@ class PrmTrainer(BaseTrainer):
         from rl.setup import tokenizer_dir
 
         from jaxsql.paths import is_remote, local_dir, upload_dir
+        from models.hf_io import TOKENIZER_FILES
 
         if not is_lead_process():
             return out_dir
-        tok = local_dir(tokenizer_dir(self.config.model), "ModelSection.tokenizer")
+        tok = local_dir(tokenizer_dir(self.config.model), "ModelSection.tokenizer",
+                        only=(*TOKENIZER_FILES, "config.json"))
         if is_remote(out_dir):  # a bucket: written locally, then copied through etils.epath
             import tempfile
 

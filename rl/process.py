@@ -29,7 +29,6 @@ score of step k of completion i, ``k(t)`` the step that token t belongs to.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -267,11 +266,12 @@ def load_process_prm(prm_dir: str, policy_tokenizer: Any, policy_dir: str, *, me
     directory is missing or its tokenizer is not the policy's."""
     from models.prm import check_matches_policy, load_prm
 
-    path = Path(prm_dir)
-    if not path.is_dir():
+    from jaxsql.paths import as_path
+
+    if not as_path(prm_dir).is_dir():  # local or gs:// (load_prm stages a bucket directory)
         raise JaxsqlError(f"reward.process.prm: PRM directory {prm_dir} does not exist "
                           f"(make one with jaxsql prm init or jaxsql prm train)")
-    prm = load_prm(path, mesh=mesh, rules=rules, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    prm = load_prm(prm_dir, mesh=mesh, rules=rules, param_dtype=param_dtype, compute_dtype=compute_dtype)
     check_matches_policy(prm, policy_tokenizer, policy_dir)
     return prm
 
@@ -311,6 +311,9 @@ class PrmScorer:
             n = x.shape[0] * distributed.process_count()
             return distributed.rows_to_global(x, batch_sharding(self.mesh, self.rules, (n,) + x.shape[1:]))
 
+        from models.attention import on_mesh_of
+
         p = self.prm
-        return score_steps(p.params, p.model_config, p.config.head, p.candidates, put(tokens), put(mask),
-                           put(positions))
+        tokens, mask, positions = put(tokens), put(mask), put(positions)
+        with on_mesh_of(p.params):  # the trainer's mesh: `auto` places splash per chip, as in the update
+            return score_steps(p.params, p.model_config, p.config.head, p.candidates, tokens, mask, positions)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.records import Example
+from models.attention import on_mesh_of
 from models.config import ModelConfig
 from models.sampler import SampleOutput, generate
 from rl.batch import Batch, FlatBatch
@@ -97,10 +98,19 @@ def assemble(sample: SampleOutput, group: int) -> Batch:
     )
 
 
-@partial(jax.jit, static_argnames=("cfg", "temperature", "with_entropy"))
 def completion_logprobs(params, batch: Batch | FlatBatch, cfg: ModelConfig, temperature: float,
                         with_entropy: bool = False):
-    """Per-token log-probs (and entropies) of the batch's completions under `params`, 0 outside them."""
+    """Per-token log-probs (and entropies) of the batch's completions under `params`, 0 outside them
+    (the reference and old-policy log-probs). Runs under the mesh the parameters live on
+    (`models.attention.on_mesh_of`), so `auto` attention places the splash kernel on each chip of a
+    multi-chip TPU, as in the update."""
+    with on_mesh_of(params):
+        return _completion_logprobs(params, batch, cfg, temperature, with_entropy)
+
+
+@partial(jax.jit, static_argnames=("cfg", "temperature", "with_entropy"))
+def _completion_logprobs(params, batch: Batch | FlatBatch, cfg: ModelConfig, temperature: float,
+                         with_entropy: bool = False):
     lp, ent = batch_logprobs(params, cfg, batch, temperature=temperature, with_entropy=with_entropy)
     cm = batch.scored_mask.astype(jnp.float32)
     return lp * cm, (None if ent is None else ent * cm)

@@ -105,7 +105,11 @@ def load_tokenizer(model: ModelSection):
 
     d = tokenizer_dir(model)
     try:
-        return AutoTokenizer.from_pretrained(local_dir(d, "ModelSection.tokenizer"), local_files_only=True)
+        from models.hf_io import TOKENIZER_FILES
+
+        # a bucket directory: its tokenizer files only (the weights are staged by the loader)
+        tok_dir = local_dir(d, "ModelSection.tokenizer", only=(*TOKENIZER_FILES, "config.json"))
+        return AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError variants
         raise JaxsqlError(f"ModelSection.tokenizer: cannot load a tokenizer from {d}: {e}") from None
 

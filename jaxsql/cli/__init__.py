@@ -47,6 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def sampling_bytes(args: argparse.Namespace) -> int | None:
+    """The weights' bytes of the model a job that samples on its own (``--model DIR --devices
+    auto``: `generate`, `eval`, `bench generate`) reads, from its ``config.json`` (no JAX
+    needed), for `configure_cpu_devices`; None for any other job, or when the directory
+    cannot be read (the command itself then reports it)."""
+    model = getattr(args, "model", None)
+    if getattr(args, "devices", None) != "auto" or not isinstance(model, str):
+        return None
+    from models.config import load_hf_config
+
+    try:
+        cfg = load_hf_config(model)  # local, or gs:// through jaxsql.paths
+    except Exception:  # unreadable here: the command reads it again and reports what is wrong
+        return None
+    return cfg.num_params() * _DTYPE_BYTES.get(getattr(args, "dtype", None) or cfg.param_dtype, 4)
+
+
 def _missing(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -61,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        configure_cpu_devices()  # before any command starts JAX
+        configure_cpu_devices(sampling_bytes=sampling_bytes(args))  # before any command starts JAX
         return int(func(args) or 0)
     except JaxsqlError as e:
         print(f"error: {e}", file=sys.stderr)

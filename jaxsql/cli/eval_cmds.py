@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from jaxsql.config import changed_settings, read_saved_settings
 from jaxsql.errors import JaxsqlError, UsageError
+from jaxsql.paths import AnyPath, as_path, is_remote
 
 #: The budget that decides whether a slow query times out in evaluation: SQLite VM instructions,
 #: the same on every machine at any load (about 5 s of SQLite work on an idle core).
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                                             "({id, sql} or {id, answer}), or WikiTQ TSV")
     p.add_argument("--data", required=True, metavar="SOURCE:PATH[:SPLIT]",
                    help=f"the examples, e.g. bird:/data/bird:dev; SOURCE is one of {', '.join(SOURCES)}")
-    p.add_argument("--out", default="./eval_out", help="output directory (default ./eval_out)")
+    p.add_argument("--out", default="./eval_out", help="output directory, local or gs://... (default ./eval_out)")
     p.add_argument("--format", choices=PREDICTION_FORMATS, default="auto",
                    help="layout of --predictions (default: the source's own)")
     p.add_argument("--strict", action="store_true",
@@ -200,14 +201,14 @@ def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
     if args.predictions is not None:
         cfg.update(predictions=str(Path(args.predictions).resolve()), format=args.format)
     else:
-        cfg.update(model=str(Path(args.model).resolve()), select=args.select, n=_samples(args),
+        cfg.update(model=args.model if is_remote(args.model) else str(Path(args.model).resolve()), select=args.select, n=_samples(args),
                    temperature=args.temperature if args.select != "greedy" else None,
                    top_p=args.top_p if args.select != "greedy" else None, seed=args.seed,
                    prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
                    max_prompt_len=args.max_prompt_len, batch_size=args.batch_size,
                    schema_style=args.schema_style, sample_values=args.sample_values, dtype=args.dtype)
         if args.prm is not None:
-            cfg.update(prm=str(Path(args.prm).resolve()), prm_aggregate=args.prm_aggregate,
+            cfg.update(prm=args.prm if is_remote(args.prm) else str(Path(args.prm).resolve()), prm_aggregate=args.prm_aggregate,
                        prm_tau=args.prm_tau if args.prm_aggregate == "entropy" else None,
                        prm_max_len=args.prm_max_len)
             if args.select == "prm-beam":
@@ -225,7 +226,7 @@ def _samples(args: argparse.Namespace) -> int:
     return 1 if args.select in ("greedy", "prm-beam") else (args.n or 8)
 
 
-def _prepare_out(out: Path, config: dict[str, Any]) -> None:
+def _prepare_out(out: AnyPath, config: dict[str, Any]) -> None:
     """Create `out`, or check that it holds a run with the same settings (to resume)."""
     if out.exists() and not out.is_dir():
         raise JaxsqlError(f"--out {out}: exists and is not a directory")
@@ -266,7 +267,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"warning: --predictions {args.predictions}: {problems.describe()}", file=sys.stderr, flush=True)
     else:
         model = (*model, _load_weights(args, model[0]), _load_prm(args, model[1]))
-    out = Path(args.out)
+    out = as_path(args.out)  # local, or gs://... (jaxsql.paths)
     config = _run_config(args, spec)
     lead = is_lead_process()
     if lead:
@@ -292,8 +293,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from jaxsql.cli.model_cmds import load_tokenizer
     from models.config import load_hf_config
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
+    model_dir = args.model  # local, or gs://... (config and tokenizer read through jaxsql.paths)
+    if not as_path(model_dir).is_dir():
         raise JaxsqlError(f"--model {model_dir}: not a directory")
     overrides = {"param_dtype": args.dtype} if args.dtype else {}
     cfg = load_hf_config(model_dir, **overrides)
@@ -314,7 +315,7 @@ def _load_prm(args: argparse.Namespace, policy_tokenizer: Any) -> Any:
         return None
     from models.prm import check_matches_policy, load_prm
 
-    if not Path(args.prm).is_dir():
+    if not as_path(args.prm).is_dir():  # local or gs:// (load_prm copies a bucket directory to local disk)
         raise JaxsqlError(f"--prm {args.prm}: not a directory")
     prm = load_prm(args.prm, param_dtype=args.dtype)
     check_matches_policy(prm, policy_tokenizer, args.model)

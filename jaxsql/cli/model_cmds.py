@@ -108,10 +108,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def load_tokenizer(model_dir: str | Path, vocab_size: int):
-    """The checkpoint's tokenizer (transformers AutoTokenizer), checked against the model's vocabulary."""
+    """The checkpoint's tokenizer (transformers AutoTokenizer), checked against the model's vocabulary;
+    a checkpoint in a bucket (``gs://``) has its tokenizer files (not its weights) copied to local disk."""
+    from jaxsql.paths import local_dir
     from models.hf_io import TOKENIZER_FILES
 
-    model_dir = Path(model_dir)
+    model_dir = local_dir(model_dir, "tokenizer of", only=(*TOKENIZER_FILES, "config.json"))
     if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         raise JaxsqlError(f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
                           f"copy the tokenizer into the checkpoint directory")

@@ -32,9 +32,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="master weights (and gradients)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="matmul inputs, sampler and reference copies, KV cache")
-    p.add_argument("--remat", default=trainer_remat_default(), choices=["none", "full", "dots", "dots_no_batch"],
+    # the trainer's default is read when the command runs: rl.config imports JAX, which must not
+    # start before the CLI has set the CPU device count (jaxsql.distributed.configure_cpu_devices)
+    p.add_argument("--remat", default=None, choices=["none", "full", "dots", "dots_no_batch"],
                    help="checkpoint policy of the layers in the update: the run config's model.remat "
-                        "(default: the trainer's default, %(default)s; the real-model recipes set full)")
+                        "(default: the trainer's default model.remat, none; the real-model recipes set full)")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "splash"])
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 loads no reference model")
     p.add_argument("--mfu", type=float, default=0.4,
@@ -73,7 +75,8 @@ def _plan(args: argparse.Namespace) -> int:
     request = PlanInput(cfg=model_config(args.model), chip=args.chip, data=data, fsdp=fsdp, tensor=tensor,
                         batch=args.batch, generations=args.generations, prompt_len=args.prompt_len,
                         new_tokens=args.new_tokens, micro_batches=args.micro_batches, param_dtype=args.param_dtype,
-                        compute_dtype=args.compute_dtype, remat=args.remat, attention=args.attention,
+                        compute_dtype=args.compute_dtype, remat=args.remat or trainer_remat_default(),
+                        attention=args.attention,
                         reference=args.beta != 0, logits_budget=WHOLE_LOGITS_LIMIT, mfu=args.mfu,
                         bandwidth_efficiency=args.bandwidth_efficiency)
     result = plan(request)

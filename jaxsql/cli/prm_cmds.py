@@ -94,7 +94,9 @@ def _load_policy(path: str):
     from jaxsql.cli.model_cmds import load_tokenizer
     from models.hf_io import load_hf_checkpoint
 
-    if not Path(path).is_dir():
+    from jaxsql.paths import as_path
+
+    if not as_path(path).is_dir():  # local or gs:// (staged by load_hf_checkpoint / load_tokenizer)
         raise JaxsqlError(f"policy directory not found: {path}")
     cfg, params = load_hf_checkpoint(path)
     return cfg, params, load_tokenizer(path, cfg.vocab_size)
@@ -123,6 +125,7 @@ def _label(args: argparse.Namespace) -> int:
     from jaxsql.sql import SqlPool
     from rl.prm_label import LabelSettings, policy_sampler, run_labeling
     from rl.rollout import PromptEncoder
+    from jaxsql.paths import is_remote
     from rl.setup import special_ids
 
     for name in ("--timeout", "--limit", "--max-vm-steps"):
@@ -135,7 +138,7 @@ def _label(args: argparse.Namespace) -> int:
     stop_ids, pad_id = special_ids(tok, cfg)
     encoder = PromptEncoder(tok, "cocte", args.max_prompt_len)
     sample = policy_sampler(params, cfg, tok, settings=settings, stop_ids=stop_ids, pad_id=pad_id)
-    meta = {"policy": str(Path(args.policy).resolve()), "data": args.data, "limit": args.limit,
+    meta = {"policy": args.policy if is_remote(args.policy) else str(Path(args.policy).resolve()), "data": args.data, "limit": args.limit,
             "max_vm_steps": args.max_vm_steps}
     with SqlPool(timeout_s=args.timeout, max_vm_steps=args.max_vm_steps) as pool:
         stats = run_labeling(examples, args.out, pool=pool, prompt_ids=encoder, sample=sample, settings=settings,

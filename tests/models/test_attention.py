@@ -150,3 +150,37 @@ def test_cudnn_refuses_float32(monkeypatch):
     assert attn.resolve("auto", "float32") == "xla"
     with pytest.raises(JaxsqlError, match="compute_dtype bfloat16 or float16"):
         attn.resolve("cudnn", "float32")
+
+
+@pytest.mark.slow  # splash in interpret mode through the prefill and an extend of two layers
+def test_sampler_prefill_runs_splash_under_the_parameters_mesh(monkeypatch):
+    """The sampler's prefill (`generate`, `start`) and `extend` run under the mesh the parameters
+    live on, here a sampler's own 4 devices (not the default 8, as `sampling_devices` may pick),
+    so the splash kernel is placed per device (shard_map), and the samples equal xla's."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from models import sampler
+
+    placed = []
+    original = attn._shard_over
+    monkeypatch.setattr(attn, "_shard_over", lambda *a: placed.append(dict(a[1].shape)) or original(*a))
+    mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[4:])
+    params = jax.device_put(init_params(_tiny("xla"), jax.random.key(0), std=0.2), NamedSharding(mesh, PartitionSpec()))
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18], [3, 4]]
+    out = {}
+    for name in ("xla", "splash"):
+        cfg = _tiny(name)
+        with attn.interpret_kernels():
+            sample = sampler.generate(params, cfg, prompts, key=jax.random.key(1), max_new_tokens=3, greedy=True,
+                                      num_samples=2)
+            model = sampler.sampler_model(params, cfg)
+            state = sampler.start(model, prompts, key=jax.random.key(1))
+            state = sampler.extend(model, state, [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29]])
+            state = sampler.decode(model, state, 2, greedy=True)
+        out[name] = (np.asarray(sample.tokens), np.asarray(sample.logprobs), *sampler.tokens(state))
+    assert placed and all(m == dict(mesh.shape) for m in placed)  # the kernel ran under the sampler's mesh
+    assert len(placed) >= 3  # generate's prefill, start's prefill, extend
+    np.testing.assert_array_equal(out["splash"][0], out["xla"][0])
+    np.testing.assert_allclose(out["splash"][1], out["xla"][1], atol=1e-5)
+    for a, b in zip(out["splash"][2:], out["xla"][2:]):
+        np.testing.assert_allclose(a, b, atol=1e-5)

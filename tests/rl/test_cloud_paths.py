@@ -26,8 +26,9 @@ emulator = pytest.importorskip("gcp_storage_emulator.server")
 
 from jaxsql.cli import main  # noqa: E402
 from jaxsql.errors import JaxsqlError  # noqa: E402
-from jaxsql.paths import as_path  # noqa: E402
+from jaxsql.paths import as_path, upload_dir  # noqa: E402
 from rl import run_dir as run_dir_mod  # noqa: E402
+from rl.prm import read_label_file  # noqa: E402
 from rl.run_dir import RunDir, RunDirError  # noqa: E402
 
 BUCKET = "jaxsql-test"
@@ -189,3 +190,96 @@ def test_grpo_run_in_a_bucket(tiny_env, bucket, tmp_path):
     assert [x["step"] for x in samples] == [0, 1] and all(len(x["ids"]) == 2 for x in samples)
     assert [json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in (r / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+@pytest.mark.slow  # a short PRM run and two tiny evaluations through the emulator
+def test_prm_train_and_eval_out_in_a_bucket(tiny_env, bucket, tmp_path, capsys):
+    """`jaxsql prm train` from a PRM (here the policy, an lm head) and a label file in the bucket
+    into a bucket run directory; `jaxsql eval --out gs://...` with that PRM from the bucket
+    (`--prm`), and its rerun resuming from the bucket's results file."""
+    from .test_prm_train import _records
+
+    model = f"{bucket}/models/prm-init"
+    upload_dir(tiny_env["model"], model)
+    labels = as_path(f"{bucket}/labels/labels.jsonl")
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    labels.write_text("".join(json.dumps(r.to_json()) + "\n" for r in _records(tiny_env["bench"], 16)))
+    run = f"{bucket}/runs/prm"
+    (tmp_path / "none.yaml").write_text("{}\n")
+    over = {"run_dir": run, "model.path": model, "data.labels": str(labels), "data.heldout_fraction": 0.25,
+            "data.batch_size": 8, "data.max_prompt_len": 48, "prm.max_len": 400, "steps": 2, "progress": False,
+            "tensorboard": False, "checkpoint.async_save": False, "mesh.data": 1}
+    assert main(["prm", "train", "--config", str(tmp_path / "none.yaml"),
+                 *[f"{k}={v}" for k, v in over.items()]]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    r = as_path(run)
+    assert {json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()} >= {1, 2}
+    assert (r / "hf" / "config.json").exists() and (r / "hf" / "jaxsql_prm.json").exists()
+    assert sorted(p.name for p in (r / "checkpoints").iterdir() if p.name.isdigit())[-1] == "2"
+
+    out = f"{bucket}/evals/bon"
+    argv = ["eval", "--model", tiny_env["model"], "--data", f"synthetic:{tiny_env['synthetic']}:dev",
+            "--prompt-format", "cocte", "--max-new-tokens", "8", "--max-prompt-len", "48", "--batch-size", "8",
+            "--devices", "1", "--no-progress", "--prm", f"{run}/hf", "--select", "prm-best-of-n",
+            "--num-samples", "2", "--out", out]
+    assert main(argv) == 0
+    capsys.readouterr()
+    o = as_path(out)
+    rows = [json.loads(x) for x in (o / "results.jsonl").read_text().splitlines()]
+    n = len(tiny_env["bench"].dev)
+    assert len(rows) == n and all(x["samples"] == 2 for x in rows)
+    metrics = json.loads((o / "metrics.json").read_text())
+    assert metrics["config"]["prm"] == f"{run}/hf" and (o / metrics["predictions_file"]).exists()
+    assert (o / "metrics.md").exists()
+    # a rerun resumes from the bucket's results (nothing is generated again, nothing duplicated)
+    (o / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:-1]) + '{"id": "cut')
+    assert main(argv) == 0
+    capsys.readouterr()
+    again = [json.loads(x) for x in (o / "results.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in again] == [x["id"] for x in rows]
+    # another run's settings into the same bucket directory are refused, as locally
+    assert main([*argv, "--seed", "7"]) == 1
+    assert "holds a run with different settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a short labelling, a scoring and an evaluation through the emulator
+def test_prm_label_score_and_eval_model_from_a_bucket(tiny_env, bucket, capsys):
+    """`prm label` from a policy in the bucket into a label file in the bucket (and its resume),
+    `prm score` with the PRM, policy and completions in the bucket, `eval --model gs://...`."""
+    policy = f"{bucket}/models/policy"
+    upload_dir(tiny_env["model"], policy)
+    data = f"synthetic:{tiny_env['synthetic']}:train"
+    labels = f"{bucket}/labels/sampled.jsonl"
+    args = ["prm", "label", "--policy", policy, "--data", data, "--k", "2", "--out", labels, "--limit", "2",
+            "--trajectories", "2", "--max-new-tokens", "16", "--batch-size", "1", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 4
+    assert len(read_label_file(labels)) == 4
+    meta = json.loads(as_path(labels + ".meta.json").read_text())
+    assert meta["policy"] == policy
+    # a crash mid-write of the second batch leaves a cut line: the rerun drops it and labels
+    # only that batch again, giving the same file
+    text = as_path(labels).read_text()
+    first_batch = len("".join(text.splitlines(keepends=True)[:2]))
+    as_path(labels).write_text(text[:first_batch + 20])
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_batches"] == 1
+    assert as_path(labels).read_text() == text
+
+    ex = tiny_env["bench"].train[0]
+    comps = as_path(f"{bucket}/completions.jsonl")
+    comps.write_text(json.dumps({"id": ex.id, "completion": "WITH a AS (" + ex.gold_sql + ")\n\nSELECT * FROM a"})
+                     + "\n")
+    assert main(["prm", "score", "--prm", policy, "--data", data, "--completions", str(comps),
+                 "--policy", policy]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert len(line["steps"]) == 2 and set(line["scores"]) >= {"min", "entropy"}
+
+    out = f"{bucket}/evals/greedy"
+    assert main(["eval", "--model", policy, "--data", f"synthetic:{tiny_env['synthetic']}:dev", "--max-new-tokens",
+                 "8", "--max-prompt-len", "48", "--batch-size", "8", "--devices", "1", "--no-progress",
+                 "--out", out]) == 0
+    capsys.readouterr()
+    metrics = json.loads((as_path(out) / "metrics.json").read_text())
+    assert metrics["config"]["model"] == policy
+    assert len((as_path(out) / "results.jsonl").read_text().splitlines()) == len(tiny_env["bench"].dev)

@@ -241,3 +241,32 @@ def test_per_token_advantages_in_the_loss_and_the_batch():
     mb = b.micro_batches(2)
     assert mb.advantages.shape == (2, 2, 5)
     np.testing.assert_array_equal(mb.advantages[1], np.asarray(per)[[2, 3]])
+
+
+@pytest.mark.slow  # splash in Pallas interpret mode through a PRM forward on 8 devices
+def test_prm_step_scores_run_splash_under_the_trainer_mesh(tiny_env, monkeypatch):
+    """The PRM's step scores in a GRPO step (`PrmScorer.dispatch`) run under the mesh the PRM
+    lives on (the trainer's), so `auto` attention places the splash kernel per chip there too."""
+    import dataclasses
+
+    from jaxsql.sharding import ShardingRules, make_mesh
+    from models import attention as attn
+    from models.prm import load_prm
+    from rl.prm import PrmRow
+    from rl.process import PrmScorer
+
+    placed = []
+    original = attn._shard_over
+    monkeypatch.setattr(attn, "_shard_over", lambda *a: placed.append(dict(a[1].shape)) or original(*a))
+    mesh = make_mesh(2, 2, 2)
+    prm = load_prm(tiny_env["model"], mesh=mesh, rules=ShardingRules())
+    rng = np.random.default_rng(0)
+    rows = [PrmRow(tuple(int(t) for t in rng.integers(3, 200, n)), (n // 2, n - 1)) for n in (9, 14, 6, 11)]
+    out = {}
+    for name in ("xla", "splash"):
+        scorer = PrmScorer(dataclasses.replace(prm, model_config=prm.model_config.replace(attention=name)), mesh,
+                           ShardingRules())
+        with attn.interpret_kernels():
+            out[name] = np.asarray(scorer.dispatch(rows))
+    assert placed and all(m == dict(mesh.shape) for m in placed)
+    np.testing.assert_allclose(out["splash"], out["xla"], atol=1e-5)

@@ -208,3 +208,32 @@ def test_splash_attention_in_the_sharded_step_equals_xla(monkeypatch):
     np.testing.assert_allclose(out["splash"][1], out["xla"][1], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out["splash"][0]), jax.tree.leaves(out["xla"][0])):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # splash in Pallas interpret mode through two log-prob passes on 8 devices
+def test_reference_logprobs_run_splash_under_the_trainer_mesh(monkeypatch):
+    """The reference/old log-probs (`rl.rollout.completion_logprobs`) run under the mesh the
+    trainer's parameters live on, so the splash kernel is placed per device as in the update;
+    full rows and grouped rows equal the `xla` values."""
+    from models import attention as attn
+    from models.attention import interpret_kernels
+    from rl.rollout import completion_logprobs
+
+    placed = []
+    original = attn._shard_over
+    monkeypatch.setattr(attn, "_shard_over", lambda *a: placed.append(dict(a[1].shape)) or original(*a))
+    mesh = make_mesh(2, 2, 2)
+    ts = _train_step(mesh, SC, 1e-3, 1e-4)
+    params = init_state(init_params(CFG, jax.random.PRNGKey(0)), ts.optimizer, ts.state_shardings)["params"]
+    b = _shared_prompts(_batch(), G=2)
+    batches = {"flat": ts.place_batch(FlatBatch(**b)), "grouped": ts.place_batch(_grouped(b, G=2))}
+    out = {}
+    for attention in ("xla", "splash"):
+        with interpret_kernels():
+            for kind, batch in batches.items():
+                out[attention, kind] = np.asarray(completion_logprobs(params, batch, CFG.replace(attention=attention),
+                                                                      0.7)[0])
+    assert len(placed) >= 2 and all(m == dict(mesh.shape) for m in placed)  # under the trainer's mesh
+    for kind in batches:
+        np.testing.assert_allclose(out["splash", kind], out["xla", kind], atol=1e-5)
+    np.testing.assert_allclose(out["xla", "grouped"], out["xla", "flat"], atol=1e-5)
