@@ -183,3 +183,32 @@ def test_multi_turn_batch_layout():
         multi_turn_batch(Hand(toks, np.ones_like(sm), cm, lp), [[3], [3]], 2, 0)
     with pytest.raises(ValueError, match="completion rows"):
         multi_turn_batch(Hand(toks, sm, cm, lp), [[3]], 2, 0)
+
+
+def test_config_multi_turn_and_tool_format_go_together(tmp_path):
+    from jaxsql.errors import ConfigError
+    from jaxsql.tools import ToolConfig
+    from rl.config import load_train_config
+
+    base = [f"run_dir={tmp_path / 'r'}", "model.preset=tiny"]
+    c = load_train_config(None, base + ["rollout.mode=multi_turn", "data.prompt_format=tool",
+                                        "tool.max_sql_s=3", "tool.max_cell_chars=20",
+                                        "reward.weights.execution=1", "reward.weights.tool_format=0.1",
+                                        "reward.weights.turn_cost=0.02"])
+    assert c.rollout.multi_turn and c.tool == ToolConfig(max_sql_s=3.0, max_cell_chars=20)
+    assert load_train_config(None, base).rollout.mode == "single_turn"
+    bad = {
+        ("data.prompt_format=tool",): "DataSection.prompt_format",
+        ("rollout.mode=multi_turn",): "RolloutSection.mode",
+        ("rollout.mode=multi_turn", "data.prompt_format=think"): "RolloutSection.mode",
+        ("rollout.mode=sometimes",): "RolloutSection.mode",
+        ("reward.weights.tool_format=1",): "RewardConfig.weights.tool_format",
+        ("reward.weights.turn_cost=1",): "RewardConfig.weights.turn_cost",
+        ("rollout.mode=multi_turn", "data.prompt_format=tool", "tool.max_rows=0"): "ToolConfig.max_rows",
+        ("rollout.mode=multi_turn", "data.prompt_format=tool", "tool.max_turns=5"): "ToolConfig.max_turns",
+        ("rollout.mode=multi_turn", "data.prompt_format=tool", "tool.max_sql_s=-1"): "ToolConfig.max_sql_s",
+        ("rollout.mode=multi_turn", "data.prompt_format=tool", "tool.nope=1"): "nope",
+    }
+    for extra, field in bad.items():
+        with pytest.raises(ConfigError, match=field):
+            load_train_config(None, base + list(extra))
