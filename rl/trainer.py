@@ -205,7 +205,8 @@ class GrpoTrainer(BaseTrainer):
                                 prompts, [ex.db_path for ex in batch], self.tool_runner, self.tokenizer,
                                 key=key, num_samples=G, temperature=c.sampling.temperature,
                                 top_p=c.sampling.top_p, top_k=c.sampling.top_k,
-                                max_new_tokens=c.sampling.max_new_tokens, max_turns=c.tool.max_turns)
+                                max_new_tokens=c.sampling.max_new_tokens, max_turns=c.tool.max_turns,
+                                stop_ids=self.stop_ids)
         host = multi_turn_batch(mt, prompts, G, self.pad_id, width=c.sampling.max_new_tokens)
         rows = host.replace(**{k: self.update_step.global_rows(v) for k, v in batch_fields(host).items()})
         t_rollout = time.perf_counter() - t0

@@ -212,3 +212,80 @@ def test_config_multi_turn_and_tool_format_go_together(tmp_path):
     for extra, field in bad.items():
         with pytest.raises(ConfigError, match=field):
             load_train_config(None, base + list(extra))
+
+
+def test_jaxsql_train_multi_turn_from_a_tool_sft_model(tiny_env, tmp_path):
+    """A real `jaxsql sft` (tool traces) then `jaxsql train` in multi_turn mode: the metrics
+    carry the tool keys and the timing breakdown, and the sampler's log-probs on the sampled
+    tokens equal the trainer's (the mismatch metric is ~0), observations in the rows or not."""
+    import json
+
+    from jaxsql.cli import main
+    from tests.rl.conftest import grpo_overrides
+
+    common = {"model.path": tiny_env["model"], "data.path": tiny_env["synthetic"], "data.prompt_format": "tool",
+              "data.batch_size": 2, "data.max_prompt_len": 48, "progress": False, "tensorboard": False,
+              "mesh.data": 1, "checkpoint.async_save": False}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    sft = dict(common, run_dir=str(tmp_path / "sft"), **{"data.max_target_len": 96, "steps": 3,
+                                                           "optim.learning_rate": 3e-3})
+    assert main(["sft", "--config", str(empty), *[f"{k}={v}" for k, v in sft.items()]]) == 0
+    run = tmp_path / "grpo"
+    args = grpo_overrides(tiny_env, run, **{
+        "model.path": str(tmp_path / "sft" / "hf"), "data.prompt_format": "tool", "rollout.mode": "multi_turn",
+        "sampling.max_new_tokens": 48, "sampling.num_generations": 2, "steps": 2, "algo.beta": 0.04,
+        "sampling.temperature": 1.0, "reward.weights.tool_format": 0.1, "reward.weights.turn_cost": 0.01,
+        "tool.max_sql_s": 5})
+    assert main(["train", "--config", str(empty), *args]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [x for x in lines if "train/loss" in x]
+    assert len(steps) == 2
+    for m in steps:
+        for k in ("tool/turns_per_completion", "tool/errors", "tool/used_share", "tool/observation_share",
+                  "tool/answered_share", "time/decode_s", "time/tool_s", "time/extend_s", "time/logprobs_s",
+                  "time/update_s", "reward/tool_format", "reward/turn_cost", "train/kl"):
+            assert k in m and np.isfinite(m[k]), k
+        assert 0.0 <= m["tool/observation_share"] < 1.0
+        assert m["train/mismatch_abs"] < 2e-3, m["train/mismatch_abs"]
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2
+
+
+def test_sampler_and_trainer_logprobs_agree_across_observations():
+    """Rows decoded by the continuable sampler with observation tokens appended mid-row
+    (`models.sampler.extend`, as `rl.multiturn` does), laid out by `multi_turn_batch`: the
+    trainer's log-probs of the sampled tokens (grouped and full rows) equal the sampler's,
+    and the registered loss reports a mismatch of ~0 over them."""
+    from models.sampler import decode, extend, resume, sampler_model, start, tokens
+    from rl.rollout import completion_logprobs, multi_turn_batch
+
+    params = init_params(CFG, jax.random.PRNGKey(1))
+    model = sampler_model(params, CFG, pad_id=0)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    temp = 0.7
+    state = start(model, prompts, key=jax.random.PRNGKey(3), num_samples=2, capacity=32)
+    state = decode(model, state, 4, temperature=temp, stop_ids=(63,))
+    state = extend(model, state, [[30, 31, 32], [], [40, 41], [50]])  # observations on three rows
+    state = resume(state)
+    state = decode(model, state, 5, temperature=temp, stop_ids=(63,))
+    toks, sampled, n = tokens(state)
+
+    class Rollout:  # the arrays of rl.multiturn.MultiTurnRollout
+        C = int(n.max())
+        completion_tokens = toks[:, :C]
+        sampled_mask = sampled[:, :C].astype(np.int32)
+        completion_mask = (np.arange(C)[None, :] < n[:, None]).astype(np.int32)
+        logprobs = np.where(sampled[:, :C], np.asarray(state.logprobs_BM)[:, :C], 0.0).astype(np.float32)
+
+    b = multi_turn_batch(Rollout, prompts, group=2, pad_id=0, width=24)
+    sm = np.asarray(b.loss_mask, bool)
+    assert (np.asarray(b.completion_mask) - sm).sum() == 6 and sm.sum() >= 8
+    for rows in (b, b.flat()):
+        lp, _ = completion_logprobs(params, rows, CFG, temp)
+        np.testing.assert_allclose(np.asarray(lp)[sm], np.asarray(b.sampler_logp)[sm], atol=2e-5)
+        assert not np.asarray(lp)[~sm].any()
+    ctx = LossContext(CFG, temperature=temp, settings=algo.PolicyLossConfig(max_len=24))
+    _, _, m = LOSSES["grpo"](params, b.replace(advantages=np.ones(4, np.float32)), ctx)
+    assert float(m["tokens"]) == sm.sum()
+    assert float(m["mismatch_abs"]) / float(m["tokens"]) < 2e-5
