@@ -289,3 +289,22 @@ def test_sampler_and_trainer_logprobs_agree_across_observations():
     _, _, m = LOSSES["grpo"](params, b.replace(advantages=np.ones(4, np.float32)), ctx)
     assert float(m["tokens"]) == sm.sum()
     assert float(m["mismatch_abs"]) / float(m["tokens"]) < 2e-5
+
+
+def test_bench_grpo_multi_turn_breakdown_keys(tiny_env, capsys):
+    """`jaxsql bench grpo --multi-turn`: the step-time breakdown has decode, tool execution,
+    observation extend, reward, reference log-probs and update (keys, not timings)."""
+    import json
+
+    from jaxsql.cli import main
+
+    assert main(["bench", "grpo", "--multi-turn", "--model", tiny_env["model"], "--steps", "1", "--warmup", "0",
+                 "--prompts", "2", "--generations", "2", "--new-tokens", "16", "--prompt-len", "48"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["jaxsql_breakdown"]) == {"rollout_s", "decode_s", "tool_s", "extend_s", "reward_s",
+                                          "ref_logprobs_s", "update_s", "step_s"}
+    assert all(v >= 0 for v in r["jaxsql_breakdown"].values())
+    assert r["workload"]["mode"] == "multi_turn"
+    assert set(r["tool"]) == {"turns_per_completion", "used_share", "errors", "observation_share", "answered_share"}
+    assert main(["bench", "grpo", "--multi-turn", "--compare-trl", "--model", tiny_env["model"]]) == 1
+    assert "--compare-trl" in capsys.readouterr().err
