@@ -39,10 +39,12 @@ text is decoded from its ids for the host only; the completion holds the
 sampled ids, then the observation's ids exactly as tokenised here (what the
 trainer sees), then the next sampled ids. Characters the closing tag's
 token carries past the tag stay in the token stream (the episode's text is
-cut at the tag, `StepOutcome.keep_chars`). A closing tag that spans three
-or more tokens is not seen by the stop rule (`models.sampler.StopRule`):
-such a row goes on decoding, and a call it closed counts only if it is the
-first tag decision when the row stops (then it is not run: ``no_answer``).
+cut at the tag, `StepOutcome.keep_chars`). The stop rule (`tool_stop_rule`)
+catches a closing tag however many tokens it spans, and also fires on some
+tokens where no tag closed (an opening ``<sql>``: ``l`` then ``>``); the
+host parses the row's text, finds nothing decided and resumes it in the
+next round (``stats["false_stops"]``), which costs that row the rest of
+the round.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class MultiTurnRollout:
       final_sql: per row, the answer's SQL (None: the episode ended without an answer).
       stats: ``decode_s``, ``tool_s``, ``extend_s``, ``total_s``, ``rounds``, ``decode_steps``,
         ``turns`` (mean calls per row), ``model_tokens``, ``observation_tokens``,
-        ``observations_cut``.
+        ``observations_cut`` (observations cut to the token budget), ``false_stops`` (rows
+        the stop rule paused where no tag had closed, resumed).
     """
 
     completion_tokens: np.ndarray
@@ -89,15 +92,38 @@ _RULES: dict[tuple[int, tuple[str, ...], int, tuple[int, ...]], Any] = {}
 
 
 def tool_stop_rule(tokenizer: Any, cfg: jaxsql.tools.ToolConfig, vocab_size: int, eos_ids: Sequence[int] = ()):
-    """The `models.sampler.StopRule` on `cfg`'s closing tags (and `eos_ids`), built once per
-    tokenizer object (it decodes every vocabulary entry)."""
-    from models.sampler import stop_rule
+    """A `models.sampler.StopRule` that stops a row at the token that completes one of `cfg`'s
+    closing tags, however the tokenizer splits the tag (and at `eos_ids`).
+
+    `models.sampler.stop_rule` finds a stop string inside one token or across two; byte-level
+    BPE splits ``</sql>`` into three or more (``<``, ``/``, ``s``, ``q``, ``l``, ``>``), which it
+    misses. This rule looks at the last two tokens only, as the sampler's rule does, and fires
+    on a superset: a token containing a tag, or a token starting with the tag's tail
+    ``s[k:]`` after a token ending with ``s[k - 1]`` (every occurrence spanning several
+    tokens ends so). It also fires where no tag closed, e.g. at ``<sql>`` (``l`` then ``>``):
+    the loop parses the row's text on the host and resumes such a row (``stats["false_stops"]``).
+    Built once per tokenizer object (it decodes every vocabulary entry).
+    """
+    import jax.numpy as jnp
+
+    from models.sampler import StopRule
 
     key = (id(tokenizer), tuple(cfg.stop_strings), int(vocab_size), tuple(sorted(int(i) for i in eos_ids)))
     if key not in _RULES:
         if len(_RULES) > 8:
             _RULES.clear()
-        _RULES[key] = stop_rule(tokenizer, cfg.stop_strings, vocab_size, ids=key[3])
+        n = min(vocab_size, len(tokenizer))
+        texts = [tokenizer.decode([i]) for i in range(n)] + [""] * (vocab_size - n)
+        ids_V = np.zeros(vocab_size, np.bool_)
+        ids_V[list(key[3])] = True
+        pairs: dict[tuple[str, str], None] = {}
+        for s in cfg.stop_strings:
+            ids_V |= np.fromiter((s in t for t in texts), np.bool_, vocab_size)
+            for k in range(1, len(s)):
+                pairs[(s[k - 1], s[k:])] = None
+        after = np.stack([np.fromiter((t.endswith(a) for t in texts), np.bool_, vocab_size) for a, _ in pairs])
+        before = np.stack([np.fromiter((t.startswith(b) for t in texts), np.bool_, vocab_size) for _, b in pairs])
+        _RULES[key] = StopRule(jnp.asarray(ids_V), jnp.asarray(after), jnp.asarray(before))
     return _RULES[key]
 
 
@@ -153,7 +179,7 @@ def multi_turn_rollout(model: Any, prompts: Sequence[Sequence[int]], db_paths: S
     live = np.ones(B, bool)
     tails: list[list[int]] = [[] for _ in range(B)]  # observation ids appended after a row ended
     stats = dict(decode_s=0.0, tool_s=0.0, extend_s=0.0, rounds=0.0, decode_steps=0.0,
-                 observation_tokens=0.0, observations_cut=0.0)
+                 observation_tokens=0.0, observations_cut=0.0, false_stops=0.0)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
     t_all = time.perf_counter()
     cap = bucket_length(max_new_tokens)
@@ -175,7 +201,7 @@ def multi_turn_rollout(model: Any, prompts: Sequence[Sequence[int]], db_paths: S
             finished[r] = bool(ids and ids[-1] in eos_set) or int(n[r]) >= max_new_tokens
             while ids and ids[-1] in eos_set:
                 ids.pop()
-            segments[r] = tokenizer.decode(ids, skip_special_tokens=True)
+            segments[r] = tokenizer.decode(ids, skip_special_tokens=False)  # a tag may be a special token
         t0 = time.perf_counter()
         outcomes = runner.step(episodes, segments, finished=finished)
         stats["tool_s"] += time.perf_counter() - t0
@@ -183,8 +209,9 @@ def multi_turn_rollout(model: Any, prompts: Sequence[Sequence[int]], db_paths: S
         again: list[int] = []
         for r in np.flatnonzero(live):
             out = outcomes[r]
-            if out is None:  # the stop rule fired but no tag decided anything: decode on
+            if out is None:  # the stop rule fired but no tag closed (e.g. at an opening tag): decode on
                 again.append(int(r))
+                stats["false_stops"] += 1
                 continue
             obs_ids: list[int] = []
             if out.observation is not None:

@@ -246,3 +246,27 @@ def test_two_device_data_mesh_gives_the_one_device_tokens(monkeypatch, policy, d
     np.testing.assert_array_equal(a.sampled_mask, b.sampled_mask)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     assert [e.text for e in a.episodes] == [e.text for e in b.episodes]
+
+
+@pytest.mark.parametrize("text", ["Look: <sql>SELECT a FROM t WHERE b > 2</sql>", "x<sql>SELECT 1</sql>",
+                                  "So <solution>SELECT name FROM item</solution>", "a</sql>"])
+def test_tool_stop_rule_fires_at_the_token_closing_a_tag(policy, text):
+    """Byte-level BPE splits the closing tags into many tokens (the sampler's two-token rule misses
+    them): the tool rule fires at the tag's last token, and on no token of the text whose host
+    parse would then decide nothing except where the text so far ends in an opening tag."""
+    from jaxsql.tools import parse_segment
+    from rl.multiturn import tool_stop_rule
+
+    cfg, _, _, tok = policy
+    rule = tool_stop_rule(tok, ToolConfig(), cfg.vocab_size)
+    ids = _ids(tok, text)
+    assert len(_ids(tok, "</sql>")) > 2 and len(_ids(tok, "</solution>")) > 2  # the case that needs this rule
+    ids_V, after, before = (np.asarray(a) for a in rule)
+    fires = [bool(ids_V[t]) or (j > 0 and bool((after[:, ids[j - 1]] & before[:, t]).any())) for j, t in enumerate(ids)]
+    assert fires[-1], [tok.decode([i]) for i in ids]
+    for j in range(len(ids) - 1):
+        prefix = tok.decode(ids[: j + 1])
+        closed = parse_segment(prefix).status in ("call", "answer", "malformed")
+        assert not closed  # no tag closes before the end of these texts
+        if fires[j]:  # a false stop: only at an opening tag's '>' or a comparison after 'l'/'n'
+            assert prefix.endswith(">")
