@@ -17,6 +17,13 @@ to its scores being ready and ``time/prm_hidden_s`` the part of it the host spen
 placing steps on tokens (`rl.process`). The updates minimise the registered
 ``"grpo"`` loss (`rl.losses`) on a grouped `rl.batch.Batch`.
 
+With ``rollout.mode: multi_turn`` the rollout is `rl.multiturn.multi_turn_rollout`
+(the model's SQL tool calls run in the run's pool while it decodes); the batch
+attends to the observations (``completion_mask``) and scores the sampled tokens only
+(``loss_mask``), the rewards read each episode's final answer, and the step logs the
+tool metrics (``tool/...``) and ``time/decode_s`` / ``time/tool_s`` / ``time/extend_s``
+(docs/multiturn.md).
+
 `GrpoTrainer` is a `rl.base_trainer.BaseTrainer`: the loop (`rl.loop`:
 checkpoints every ``checkpoint.every_steps`` and on SIGTERM / SIGINT,
 metrics, progress), the run-directory checks and `--resume` come from
