@@ -141,8 +141,6 @@ class SamplingSection:
 
 #: Rollout modes of GRPO: one completion per sample, or episodes with SQL tool calls.
 ROLLOUT_MODES = ("single_turn", "multi_turn")
-#: Rewards that read the episode of a multi-turn rollout (`jaxsql.rewards`).
-EPISODE_REWARDS = ("tool_format", "turn_cost")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +403,8 @@ class TrainConfig:
                 "tool (multi-turn) needs rollout.mode: multi_turn in GRPO")
         require(not multi or self.data.prompt_format == "tool", "RolloutSection", "mode",
                 f"multi_turn needs data.prompt_format: tool, got {self.data.prompt_format!r}")
+        from jaxsql.rewards import EPISODE_REWARDS
+
         weights = self.reward.get("weights", {}) if isinstance(self.reward, Mapping) else {}
         for name in EPISODE_REWARDS:
             require(multi or name not in weights, "RewardConfig", f"weights.{name}",
