@@ -248,7 +248,7 @@ def test_two_device_data_mesh_gives_the_one_device_tokens(monkeypatch, policy, d
     assert [e.text for e in a.episodes] == [e.text for e in b.episodes]
 
 
-@pytest.mark.parametrize("text", ["Look: <sql>SELECT a FROM t WHERE b > 2</sql>", "x<sql>SELECT 1</sql>",
+@pytest.mark.parametrize("text", ["Look: <sql>SELECT a FROM t WHERE b > 2 AND total>1 AND col>3</sql>", "x<sql>SELECT 1</sql>",
                                   "So <solution>SELECT name FROM item</solution>", "a</sql>"])
 def test_tool_stop_rule_fires_at_the_token_closing_a_tag(policy, text):
     """Byte-level BPE splits the closing tags into many tokens (the sampler's two-token rule misses
@@ -268,8 +268,10 @@ def test_tool_stop_rule_fires_at_the_token_closing_a_tag(policy, text):
         prefix = tok.decode(ids[: j + 1])
         closed = parse_segment(prefix).status in ("call", "answer", "malformed")
         assert not closed  # no tag closes before the end of these texts
-        if fires[j]:  # a false stop: only at an opening tag's '>' or a comparison after 'l'/'n'
-            assert prefix.endswith(">")
+        if fires[j]:  # a false stop: at an opening tag's '>' or a '>' after a piece of a tag ('col' + '>')
+            assert prefix.endswith(">"), prefix
+    # '>' after a token that cannot be part of a tag (' b', ' ') does not fire
+    assert sum(fires) <= text.count(">") - text.count(" > ")
 
 
 class _ByTurn:
