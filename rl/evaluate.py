@@ -221,8 +221,10 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
         format): the model may run SQL while it answers; the final answer's SQL is the
         prediction (none: an empty prediction). Rows get ``turns``, ``tool_errors``,
         ``tool_end`` and ``calls``; the summary gets `jaxsql.tools.episode_metrics` of the
-        chosen episodes (`tool_summary`) and this call's ``tool/decode_s``, ``tool/tool_s``,
-        ``tool/extend_s``.
+        chosen episodes (`tool_summary`) and this call's loop counters summed over its
+        batches: ``tool/decode_s``, ``tool/tool_s``, ``tool/extend_s``, ``tool/total_s``,
+        ``tool/rounds``, ``tool/decode_steps``, ``tool/false_stops``, ``tool/model_tokens``,
+        ``tool/observation_tokens`` (every sampled episode, padding rows included).
       tools: the `jaxsql.tools.ToolConfig` of `multi_turn` (tags, budgets; default ``ToolConfig()``).
     """
     import jax
@@ -343,7 +345,8 @@ def _multi_turn_predictions(looper: tuple[Any, Any, Any], tokenizer: Any, strate
     out = multi_turn_rollout(model, padded, dbs, runner, tokenizer, key=key, num_samples=n,
                              greedy=strategy.greedy, temperature=temperature, top_p=top_p,
                              max_new_tokens=max_new_tokens, stop_ids=stop_ids)
-    for name in ("decode_s", "tool_s", "extend_s", "total_s"):
+    for name in ("decode_s", "tool_s", "extend_s", "total_s", "rounds", "decode_steps", "false_stops",
+                 "model_tokens", "observation_tokens"):
         timing[name] += out.stats[name]
     sampled = out.sampled_mask.sum(1)
     mean_lp = out.logprobs.sum(1) / np.maximum(sampled, 1)

@@ -332,6 +332,12 @@ def test_eval_cli_multi_turn_writes_turns_calls_and_tool_metrics(monkeypatch, ti
     # a rerun resumes: nothing generated, the tool metrics still cover every row
     assert main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["summary"]["tool/turns_per_completion"] == 1.0
+    # self-consistency over 2 sampled episodes: both answer alike, so the vote is 2
+    vote = tmp_path / "vote"
+    assert main([a if a != str(out) else str(vote) for a in args] + ["--select", "vote", "--n", "2"]) == 0
+    rows = [json.loads(line) for line in (vote / "results.jsonl").read_text().splitlines()]
+    assert all(r["samples"] == 2 and r["turns"] == 1 for r in rows)
+    assert next(r for r in rows if r["id"] == ex0.id)["votes"] == 2
 
 
 @pytest.mark.parametrize("extra, msg", [
