@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,7 +89,8 @@ class MultiTurnRollout:
     stats: dict[str, float]
 
 
-_RULES: dict[tuple[int, tuple[str, ...], int, tuple[int, ...]], Any] = {}
+#: tokenizer -> {(stop strings, vocab size, eos ids): StopRule}; entries go with their tokenizer
+_RULES: "weakref.WeakKeyDictionary[Any, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
 def tool_stop_rule(tokenizer: Any, cfg: jaxsql.tools.ToolConfig, vocab_size: int, eos_ids: Sequence[int] = ()):
@@ -109,14 +111,16 @@ def tool_stop_rule(tokenizer: Any, cfg: jaxsql.tools.ToolConfig, vocab_size: int
 
     from models.sampler import StopRule
 
-    key = (id(tokenizer), tuple(cfg.stop_strings), int(vocab_size), tuple(sorted(int(i) for i in eos_ids)))
-    if key not in _RULES:
-        if len(_RULES) > 8:
-            _RULES.clear()
+    key = (tuple(cfg.stop_strings), int(vocab_size), tuple(sorted(int(i) for i in eos_ids)))
+    try:
+        rules = _RULES.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        rules = {}
+    if key not in rules:
         n = min(vocab_size, len(tokenizer))
         texts = [tokenizer.decode([i]) for i in range(n)] + [""] * (vocab_size - n)
         ids_V = np.zeros(vocab_size, np.bool_)
-        ids_V[list(key[3])] = True
+        ids_V[list(key[2])] = True
         pairs: dict[tuple[str, str], None] = {}
         for s in cfg.stop_strings:
             ids_V |= np.fromiter((s in t for t in texts), np.bool_, vocab_size)
@@ -127,8 +131,8 @@ def tool_stop_rule(tokenizer: Any, cfg: jaxsql.tools.ToolConfig, vocab_size: int
         after = np.stack([np.fromiter((bool(t) and (a.endswith(t) or t.endswith(a)) for t in texts), np.bool_,
                                       vocab_size) for a, _ in pairs])
         before = np.stack([np.fromiter((t.startswith(b) for t in texts), np.bool_, vocab_size) for _, b in pairs])
-        _RULES[key] = StopRule(jnp.asarray(ids_V), jnp.asarray(after), jnp.asarray(before))
-    return _RULES[key]
+        rules[key] = StopRule(jnp.asarray(ids_V), jnp.asarray(after), jnp.asarray(before))
+    return rules[key]
 
 
 def eos_ids_of(cfg: Any, tokenizer: Any) -> tuple[int, ...]:
