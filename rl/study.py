@@ -39,12 +39,14 @@ folder that holds something else is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 from jaxsql.config import require
 from jaxsql.errors import JaxsqlError
@@ -102,12 +104,12 @@ class StudyConfig:
     selectors: tuple[str, ...] = SELECTORS
     num_samples: int = 8
     n_train: int = 2000
-    n_dev: int = 300
+    n_dev: int = 200
     sft_examples: int = 2000
     rl_n_questions: int = 2000
     model: tuple[int, ...] = (192, 3, 4, 2, 576, 512)
     sft_overrides: tuple[str, ...] = ()
-    rl_overrides: tuple[str, ...] = ("steps=100",)
+    rl_overrides: tuple[str, ...] = ("steps=80",)
     cocte_sft_overrides: tuple[str, ...] = ("data.max_target_len=96", "data.max_prompt_len=200")
     cocte_new_tokens: int = 96
     label_questions: int = 128
@@ -183,13 +185,62 @@ def smoke_config(seeds: tuple[int, ...] = (0,)) -> StudyConfig:
 
 class StudyDir(demo.DemoDir):
     """The study's output directory: ``jaxsql_study.json`` with the settings and the finished
-    phases (``seed<S>/<phase>`` and ``report``); one demo directory per seed inside."""
+    phases (``seed<S>/<phase>`` and ``report``); one demo directory per seed inside.
+
+    Several processes may run the same study on the same directory at once (the seeds are split
+    between them): a seed is run by the process holding its lock file ``seed<S>.lock`` (an
+    advisory ``flock``, released when the process ends, however it ends), and the marker is
+    read, merged and rewritten under the lock ``.jaxsql_study.lock``, so no process loses
+    another's records.
+    """
 
     MARKER = MARKER
     KIND = "study"
+    LOCK = ".jaxsql_study.lock"
 
     def seed_dir(self, seed: int) -> Path:
         return self.path(f"seed{seed}")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the marker's lock (blocking; not re-entrant within a process)."""
+        with open(self.path(self.LOCK), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def refresh(self) -> None:
+        """Re-read the phases other processes have recorded since this one read the marker."""
+        from jaxsql.config import read_saved_settings
+
+        with self.locked():
+            self.state["phases"] = read_saved_settings(self.marker, f"{self.KIND} marker").get("phases", {})
+
+    def record(self, phase: str, **info: Any) -> None:
+        """Mark `phase` complete, merged into the marker as it is on disk now (other processes
+        may have recorded their seeds' phases since this one read it)."""
+        from jaxsql.config import read_saved_settings
+
+        with self.locked():
+            self.state["phases"] = read_saved_settings(self.marker, f"{self.KIND} marker").get("phases", {})
+            self.state["phases"][phase] = dict(info, done=True)
+            self._save()
+
+    def take_seed(self, seed: int, *, wait: bool) -> IO[str] | None:
+        """Lock seed `seed` for this process: the open lock file (close it to release), or None
+        when another process holds it and `wait` is false."""
+        f = open(self.path(f"seed{seed}.lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            return None
+        except BaseException:
+            f.close()
+            raise
+        return f
 
 
 # --- the phases of one seed ---------------------------------------------------------------------
@@ -423,7 +474,8 @@ def write_report(root: Path, state: dict[str, Any], cfg: StudyConfig, total_seco
         s = f"{sum(secs) / len(secs):.0f}" if secs else "-"
         lines.append(f"| {r['policy']} | {what.get(r['policy'], '')} | {r['select']} | "
                      + " | ".join(_fmt(r[key]) for _, key in COLUMNS) + f" | {s} |")
-    lines += ["", f"Total wall time: {clock(total_seconds)}.", "", "![EX by arm and selector](study.png)", ""]
+    lines += ["", f"Sum of the phases' wall times: {clock(total_seconds)} (seeds run by parallel processes "
+              f"overlap in time).", "", "![EX by arm and selector](study.png)", ""]
     out = root / "study.md"
     out.write_text("\n".join(lines))
     _plot(root / "study.png", rows, cfg)
@@ -477,62 +529,118 @@ def run_study(out_dir: str | Path, config: StudyConfig | None = None, *, say: Ca
     naming the phase a SIGTERM / SIGINT stopped after its checkpoint, if one did).
 
     `stop_after`: stop after this phase (``seed<S>/<phase>``; tests of resuming).
-    """
-    from jaxsql.sql import SqlPool
 
+    The same call may run in several processes on the same `out_dir` at once: each takes the
+    seeds no other process holds (`StudyDir.take_seed`), then waits for the seeds others hold
+    (and finishes them if their process ended first), so every process ends with the whole table.
+    """
     cfg = config or StudyConfig()
     say = say or demo._say_default
     study = StudyDir(out_dir, cfg)
-    todo = [(s, p) for s in cfg.seeds for p in _seed_phases(cfg) if not study.done(f"seed{s}/{p}")]
-    if not todo and study.done("report"):
+    phases = _seed_phases(cfg)
+
+    def todo(seed: int) -> list[str]:
+        return [p for p in phases if not study.done(f"seed{seed}/{p}")]
+
+    pending = [s for s in cfg.seeds if todo(s)]
+    if not pending and study.info("report").get("seeds") == list(cfg.seeds):
         say(f"study in {study.root} is already complete; see {study.path('study.md')}")
         return study.state
     start = time.time()
-    pool = None
-    writer = None
+    shared = _Shared(study)
+    key = ""
+    skipped: list[int] = []  # seeds another process held at the first look: waited for after the rest
     try:
-        for seed, phase in todo:
-            key = f"seed{seed}/{phase}"
-            t = time.time()
-            say(f"== {key} ({clock(t - start)} elapsed)")
-            if phase == "base":
-                state = demo.run_demo(study.seed_dir(seed), cfg.demo_config(seed), say=say, progress=progress,
-                                      stop_after="eval_sft")
-                if state.get("interrupted"):
-                    raise demo._Interrupted(f"{key} stopped during the demo phase '{state['interrupted']}'")
-                info = {"eval_sft": state["phases"]["eval_sft"]["summary"]}
-            else:
-                d = demo.DemoDir(study.seed_dir(seed), cfg.demo_config(seed))
-                pool = pool or SqlPool(2)
-                writer = writer or study.metrics_writer()
-                if phase == "cocte_data":
-                    info = _cocte_data(d, pool)
-                elif phase == "cocte_sft":
-                    info = _cocte_sft(d, cfg, writer, say, progress)
-                elif phase == "prm_label":
-                    info = _prm_label(d, cfg, pool, progress)
-                elif phase == "prm_train":
-                    info = _prm_train(d, cfg, writer, say, progress)
-                elif phase.startswith("arm_"):
-                    info = _arm(d, cfg, phase[4:], pool, writer, say, progress)
-                else:
-                    info = _evaluate(d, cfg, say)
-            study.record(key, seconds=round(time.time() - t, 1), **info)
-            if key == stop_after:
-                return study.state
+        for wait, seeds in ((False, pending), (True, skipped)):
+            for seed in seeds:
+                lock = study.take_seed(seed, wait=False)
+                if lock is None and not wait:
+                    say(f"seed {seed}: another process is running it; the other seeds first")
+                    skipped.append(seed)
+                    continue
+                if lock is None:
+                    say(f"seed {seed}: waiting for the other process running it")
+                    lock = study.take_seed(seed, wait=True)
+                try:
+                    study.refresh()
+                    for phase in todo(seed):
+                        key = f"seed{seed}/{phase}"
+                        _run_phase(study, cfg, seed, phase, shared, start, say, progress)
+                        if key == stop_after:
+                            return study.state
+                finally:
+                    lock.close()
     except demo._Interrupted as e:
         say(str(e))
         return dict(study.state, interrupted=key)
     finally:
-        if pool is not None:
-            pool.close()
-        if writer is not None:
-            writer.close()
+        shared.close()
+    study.refresh()
     total = sum(v.get("seconds", 0.0) for k, v in study.state["phases"].items() if k != "report")
-    path = write_report(study.root, study.state, cfg, total)
-    study.record("report", seconds=0.0)
+    with study.locked():  # two processes finishing together write the same table, one after the other
+        path = write_report(study.root, study.state, cfg, total)
+    study.record("report", seconds=0.0, seeds=list(cfg.seeds))
     say(f"report: {path}; plot: {study.path('study.png')}")
     return study.state
+
+
+class _Shared:
+    """The SQL pool and the metrics writer the phases of one `run_study` share, made on first use."""
+
+    def __init__(self, study: StudyDir) -> None:
+        self.study = study
+        self._pool = None
+        self._writer = None
+        self._made_writer = False
+
+    @property
+    def pool(self):
+        from jaxsql.sql import SqlPool
+
+        if self._pool is None:
+            self._pool = SqlPool(2)
+        return self._pool
+
+    @property
+    def writer(self):
+        if not self._made_writer:
+            self._writer, self._made_writer = self.study.metrics_writer(), True
+        return self._writer
+
+    def close(self) -> None:
+        for resource in (self._pool, self._writer):
+            if resource is not None:
+                resource.close()
+
+
+def _run_phase(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared: _Shared, start: float,
+               say: Callable[[str], None], progress: bool) -> None:
+    """Run one phase of one seed and record it (raises `demo._Interrupted` on a signal)."""
+    key = f"seed{seed}/{phase}"
+    t = time.time()
+    say(f"== {key} ({clock(t - start)} elapsed)")
+    if phase == "base":
+        state = demo.run_demo(study.seed_dir(seed), cfg.demo_config(seed), say=say, progress=progress,
+                              stop_after="eval_sft")
+        if state.get("interrupted"):
+            raise demo._Interrupted(f"{key} stopped during the demo phase '{state['interrupted']}'")
+        info = {"eval_sft": state["phases"]["eval_sft"]["summary"]}
+    else:
+        d = demo.DemoDir(study.seed_dir(seed), cfg.demo_config(seed))
+        pool, writer = shared.pool, shared.writer
+        if phase == "cocte_data":
+            info = _cocte_data(d, pool)
+        elif phase == "cocte_sft":
+            info = _cocte_sft(d, cfg, writer, say, progress)
+        elif phase == "prm_label":
+            info = _prm_label(d, cfg, pool, progress)
+        elif phase == "prm_train":
+            info = _prm_train(d, cfg, writer, say, progress)
+        elif phase.startswith("arm_"):
+            info = _arm(d, cfg, phase[4:], pool, writer, say, progress)
+        else:
+            info = _evaluate(d, cfg, say)
+    study.record(key, seconds=round(time.time() - t, 1), **info)
 
 
 def main_summary(state: dict[str, Any], cfg: StudyConfig) -> str:

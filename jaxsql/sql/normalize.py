@@ -7,7 +7,10 @@ in the result's column names). When sqlglot cannot parse the text (a syntax
 error, a dialect feature it lacks, or pathological nesting), the key is the
 text with whitespace collapsed *outside* quoted strings and identifiers and a
 trailing semicolon removed; such a query usually fails the same way every
-time, so caching it is still correct. This fallback is documented in
+time, so caching it is still correct. The same fallback covers text that
+sqlglot parses but cannot write back in the SQLite dialect without dropping
+something (for example column names in a subquery alias, ``AS s(a)``, a
+syntax error in SQLite): a lossy key could equal a valid query's key. This fallback is documented in
 ``docs/sql.md`` and is never a change of what is executed: the pool always
 runs the original text.
 """
@@ -100,10 +103,13 @@ def normalize_sql(sql: str) -> str:
     if len(sql) <= MAX_PARSE_CHARS:
         try:
             import sqlglot
+            from sqlglot.errors import ErrorLevel
 
             statements = [s for s in sqlglot.parse(sql, read="sqlite") if s is not None]
             if len(statements) == 1:
-                return "g:" + statements[0].sql(dialect="sqlite")
+                # RAISE: a construct the SQLite writer cannot express (and would drop with a
+                # warning) must not make this key equal to another query's
+                return "g:" + statements[0].sql(dialect="sqlite", unsupported_level=ErrorLevel.RAISE)
         except Exception:  # noqa: BLE001 - any parser failure (incl. RecursionError) means "fall back"
             pass
     return "w:" + whitespace_normalize(sql)

@@ -55,6 +55,63 @@ def test_report_cells_are_mean_and_range_over_seeds(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 1000
 
 
+def _finished_phases(cfg) -> dict:
+    """Marker records of every phase of every seed of `cfg`, with eval results."""
+    r = {"ex_set": 0.25, "ex_bag": 0.25, "error_rate": 0.5, "qatch": 0.4}
+    phases = {}
+    for s in cfg.seeds:
+        for p in study._seed_phases(cfg):
+            phases[f"seed{s}/{p}"] = {"done": True, "seconds": 1.0}
+        phases[f"seed{s}/eval"]["results"] = {name: {"greedy": r} for name, _, _ in study.policies(cfg)}
+    return phases
+
+
+def test_processes_share_one_study_directory(tmp_path):
+    """Two processes on one directory: records merge (neither loses the other's), a seed locked by
+    another process is not taken, and the table is (re)written for exactly the configured seeds."""
+    import subprocess
+    import sys
+
+    cfg = dataclasses.replace(study.smoke_config(seeds=(0, 1)), arms=("answers",), selectors=("greedy",))
+    run = tmp_path / "run"
+    a, b = study.StudyDir(run, cfg), study.StudyDir(run, cfg)  # both read the fresh marker
+    a.record("seed0/base", seconds=1.0)
+    b.record("seed1/base", seconds=2.0)  # b never saw a's record: merged, not overwritten
+    on_disk = json.loads((run / study.MARKER).read_text())["phases"]
+    assert on_disk["seed0/base"]["done"] and on_disk["seed1/base"]["done"]
+    a.refresh()
+    assert a.done("seed1/base")
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(run / "seed1.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert b.take_seed(1, wait=False) is None  # the other process runs seed 1
+        mine = a.take_seed(0, wait=False)
+        assert mine is not None and b.take_seed(0, wait=False) is None  # one holder per seed, in-process too
+        mine.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    again = b.take_seed(1, wait=False)  # released when its process ended
+    assert again is not None
+    again.close()
+
+    # every phase done, the table written for seed 0 only: a run with seeds 0 and 1 writes it again
+    state = json.loads((run / study.MARKER).read_text())
+    state["phases"] = {**_finished_phases(cfg), "report": {"done": True, "seeds": [0]}}
+    (run / study.MARKER).write_text(json.dumps(state))
+    said = []
+    study.run_study(run, cfg, say=said.append, progress=False)
+    assert json.loads((run / study.MARKER).read_text())["phases"]["report"]["seeds"] == [0, 1]
+    assert "| answers |" in (run / "study.md").read_text() and not any(x.startswith("== ") for x in said)
+    said.clear()
+    study.run_study(run, cfg, say=said.append, progress=False)
+    assert said and "already complete" in said[0]
+
+
 @pytest.mark.slow
 def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
     """Every phase of every arm on real components (sandbox, SFT, PRM labels and training, GRPO,

@@ -162,6 +162,19 @@ def test_normalize_sql_keys():
     assert normalize_sql(deep).startswith("w:")
 
 
+def test_cache_key_never_drops_what_sqlite_would_reject(tiny_db):
+    """sqlglot's SQLite writer drops column names in a subquery alias (``AS s(a)``, a syntax error
+    in SQLite) with only a warning; as a cache key that made the invalid query share the key of
+    the valid one, and the pool served it the valid query's cached rows."""
+    valid, invalid = "SELECT * FROM (SELECT 1) AS s", "SELECT * FROM (SELECT 1) AS s(a)"
+    assert normalize_sql(valid) != normalize_sql(invalid)
+    assert normalize_sql(invalid).startswith("w:")
+    with SqlPool(1) as pool:
+        first, second = pool.execute_batch([(str(tiny_db), valid)]), pool.execute_batch([(str(tiny_db), invalid)])
+    assert first[0].ok and first[0].rows == ((1,),)
+    assert not second[0].ok and second[0].error == "syntax"
+
+
 def test_fresh_connection_per_job_gives_same_results(tiny_db):
     jobs = [(str(tiny_db), "SELECT name FROM people ORDER BY id"), (str(tiny_db), "DROP TABLE people")]
     with SqlPool(2, reuse_connections=False) as fresh, SqlPool(2) as reused:
