@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,7 +89,8 @@ class MultiTurnRollout:
     stats: dict[str, float]
 
 
-_RULES: dict[tuple[int, tuple[str, ...], int, tuple[int, ...]], Any] = {}
+#: tokenizer -> {(stop strings, vocab size, eos ids): StopRule}; entries go with their tokenizer
+_RULES: "weakref.WeakKeyDictionary[Any, dict[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
 def tool_stop_rule(tokenizer: Any, cfg: jaxsql.tools.ToolConfig, vocab_size: int, eos_ids: Sequence[int] = ()):
@@ -99,32 +101,38 @@ def tool_stop_rule(tokenizer: Any, cfg: jaxsql.tools.ToolConfig, vocab_size: int
     BPE splits ``</sql>`` into three or more (``<``, ``/``, ``s``, ``q``, ``l``, ``>``), which it
     misses. This rule looks at the last two tokens only, as the sampler's rule does, and fires
     on a superset: a token containing a tag, or a token starting with the tag's tail
-    ``s[k:]`` after a token ending with ``s[k - 1]`` (every occurrence spanning several
-    tokens ends so). It also fires where no tag closed, e.g. at ``<sql>`` (``l`` then ``>``):
-    the loop parses the row's text on the host and resumes such a row (``stats["false_stops"]``).
+    ``s[k:]`` after a token whose text is a suffix of ``s[:k]`` or ends with ``s[:k]`` (every
+    occurrence spanning several tokens ends so). It also fires where no tag closed, e.g. at
+    ``<sql>`` (``sql`` or ``l``, then ``>``): the loop parses the row's text on the host and
+    resumes such a row (``stats["false_stops"]``).
     Built once per tokenizer object (it decodes every vocabulary entry).
     """
     import jax.numpy as jnp
 
     from models.sampler import StopRule
 
-    key = (id(tokenizer), tuple(cfg.stop_strings), int(vocab_size), tuple(sorted(int(i) for i in eos_ids)))
-    if key not in _RULES:
-        if len(_RULES) > 8:
-            _RULES.clear()
+    key = (tuple(cfg.stop_strings), int(vocab_size), tuple(sorted(int(i) for i in eos_ids)))
+    try:
+        rules = _RULES.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        rules = {}
+    if key not in rules:
         n = min(vocab_size, len(tokenizer))
         texts = [tokenizer.decode([i]) for i in range(n)] + [""] * (vocab_size - n)
         ids_V = np.zeros(vocab_size, np.bool_)
-        ids_V[list(key[3])] = True
+        ids_V[list(key[2])] = True
         pairs: dict[tuple[str, str], None] = {}
         for s in cfg.stop_strings:
             ids_V |= np.fromiter((s in t for t in texts), np.bool_, vocab_size)
             for k in range(1, len(s)):
-                pairs[(s[k - 1], s[k:])] = None
-        after = np.stack([np.fromiter((t.endswith(a) for t in texts), np.bool_, vocab_size) for a, _ in pairs])
+                pairs[(s[:k], s[k:])] = None
+        # the token before the tag's last one ends at s[:k]: its text lies inside the tag (a suffix
+        # of s[:k]) or holds all of s[:k] at its end
+        after = np.stack([np.fromiter((bool(t) and (a.endswith(t) or t.endswith(a)) for t in texts), np.bool_,
+                                      vocab_size) for a, _ in pairs])
         before = np.stack([np.fromiter((t.startswith(b) for t in texts), np.bool_, vocab_size) for _, b in pairs])
-        _RULES[key] = StopRule(jnp.asarray(ids_V), jnp.asarray(after), jnp.asarray(before))
-    return _RULES[key]
+        rules[key] = StopRule(jnp.asarray(ids_V), jnp.asarray(after), jnp.asarray(before))
+    return rules[key]
 
 
 def eos_ids_of(cfg: Any, tokenizer: Any) -> tuple[int, ...]:
@@ -192,11 +200,12 @@ def multi_turn_rollout(model: Any, prompts: Sequence[Sequence[int]], db_paths: S
         steps = int(max_new_tokens - n_before[live].min())
         state = decode(model, state, steps, stop_ids=eos, stop=rule, max_length=max_new_tokens, **sampling)
         toks, _, n = tokens(state)
+        stopped = live & np.asarray(state.done_B)  # every live row (`steps` reaches each one's budget)
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += float(np.max(n[live] - n_before[live]))
         segments: list[str | None] = [None] * B
         finished = [False] * B
-        for r in np.flatnonzero(live):
+        for r in np.flatnonzero(stopped):
             ids = [int(t) for t in toks[r, seg_start[r]:n[r]]]
             finished[r] = bool(ids and ids[-1] in eos_set) or int(n[r]) >= max_new_tokens
             while ids and ids[-1] in eos_set:
@@ -207,7 +216,7 @@ def multi_turn_rollout(model: Any, prompts: Sequence[Sequence[int]], db_paths: S
         stats["tool_s"] += time.perf_counter() - t0
         appended: list[list[int]] = [[] for _ in range(B)]
         again: list[int] = []
-        for r in np.flatnonzero(live):
+        for r in np.flatnonzero(stopped):
             out = outcomes[r]
             if out is None:  # the stop rule fired but no tag closed (e.g. at an opening tag): decode on
                 again.append(int(r))

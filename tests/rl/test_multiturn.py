@@ -248,7 +248,7 @@ def test_two_device_data_mesh_gives_the_one_device_tokens(monkeypatch, policy, d
     assert [e.text for e in a.episodes] == [e.text for e in b.episodes]
 
 
-@pytest.mark.parametrize("text", ["Look: <sql>SELECT a FROM t WHERE b > 2</sql>", "x<sql>SELECT 1</sql>",
+@pytest.mark.parametrize("text", ["Look: <sql>SELECT a FROM t WHERE b > 2 AND total>1 AND col>3</sql>", "x<sql>SELECT 1</sql>",
                                   "So <solution>SELECT name FROM item</solution>", "a</sql>"])
 def test_tool_stop_rule_fires_at_the_token_closing_a_tag(policy, text):
     """Byte-level BPE splits the closing tags into many tokens (the sampler's two-token rule misses
@@ -268,5 +268,89 @@ def test_tool_stop_rule_fires_at_the_token_closing_a_tag(policy, text):
         prefix = tok.decode(ids[: j + 1])
         closed = parse_segment(prefix).status in ("call", "answer", "malformed")
         assert not closed  # no tag closes before the end of these texts
-        if fires[j]:  # a false stop: only at an opening tag's '>' or a comparison after 'l'/'n'
-            assert prefix.endswith(">")
+        if fires[j]:  # a false stop: at an opening tag's '>' or a '>' after a piece of a tag ('col' + '>')
+            assert prefix.endswith(">"), prefix
+    # '>' after a token that cannot be part of a tag (' b', ' ') does not fire
+    assert sum(fires) <= text.count(">") - text.count(" > ")
+
+
+class _ByTurn:
+    """A stateless scripted `decode`: a live row that has seen k observations writes SEGMENTS[k]
+    (EOS after the last), so it works for any batch the evaluation builds."""
+
+    def __init__(self, tok, segments):
+        self.tok, self.segments = tok, segments
+
+    def __call__(self, model, state, steps, *, max_length=None, **kw):
+        from models import sampler
+
+        t, _, n = sampler.tokens(state)
+        done = np.asarray(state.done_B)
+        rows = []
+        for r in range(len(n)):
+            k = self.tok.decode(t[r, :n[r]].tolist()).count("</observation>")
+            ids = [] if done[r] else (_ids(self.tok, self.segments[k]) if k < len(self.segments)
+                                       else [self.tok.eos_token_id])
+            rows.append(ids[: max_length - int(n[r])])
+        state = sampler.extend(model, state, rows)
+        col = np.arange(state.tokens_BM.shape[1])[None, :]
+        new = jnp.asarray((col >= n[:, None]) & (col < (n + np.asarray([len(x) for x in rows]))[:, None]))
+        return state._replace(sampled_BM=state.sampled_BM | new, done_B=jnp.ones_like(state.done_B))
+
+
+def test_eval_cli_multi_turn_writes_turns_calls_and_tool_metrics(monkeypatch, tiny_env, tmp_path, capsys):
+    """``jaxsql eval --multi-turn`` end to end on the tiny model (scripted to make one call, then
+    answer): results.jsonl rows carry turns, tool errors and the calls; metrics.json the tool metrics."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from jaxsql.cli import main
+    from models import sampler
+
+    tok = AutoTokenizer.from_pretrained(tiny_env["tokenizer"])
+    ex0 = tiny_env["bench"].dev[0]
+    monkeypatch.setattr(sampler, "decode", _ByTurn(tok, ["<sql>SELECT name FROM sqlite_master</sql>",
+                                                         f"<solution>{ex0.gold_sql}</solution>"]))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", tiny_env["model"], "--data", f"synthetic:{tiny_env['synthetic']}:dev",
+            "--out", str(out), "--multi-turn", "--prompt-format", "tool", "--max-new-tokens", "200",
+            "--batch-size", "4", "--max-prompt-len", "64", "--max-turns", "2", "--tool-max-rows", "2",
+            "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == len(tiny_env["bench"].dev)
+    for r in rows:
+        assert r["turns"] == 1 and r["tool_errors"] == 0 and r["tool_end"] == "answer"
+        assert r["calls"] == [{"sql": "SELECT name FROM sqlite_master", "error": None}]
+    assert next(r for r in rows if r["id"] == ex0.id)["ex_set"] == 1.0  # the answer's SQL is the prediction
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["summary"]
+    assert s["tool/turns_per_completion"] == 1.0 and s["tool/used_share"] == 1.0 and s["tool/error_share"] == 0.0
+    assert s["tool/decode_s"] > 0 and "tool/tool_s" in s
+    assert m["config"]["multi_turn"]["max_turns"] == 2 and m["config"]["multi_turn"]["max_rows"] == 2
+    # a rerun resumes: nothing generated, the tool metrics still cover every row
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["summary"]["tool/turns_per_completion"] == 1.0
+    # self-consistency over 2 sampled episodes: both answer alike, so the vote is 2
+    vote = tmp_path / "vote"
+    assert main([a if a != str(out) else str(vote) for a in args] + ["--select", "vote", "--n", "2"]) == 0
+    rows = [json.loads(line) for line in (vote / "results.jsonl").read_text().splitlines()]
+    assert all(r["samples"] == 2 and r["turns"] == 1 for r in rows)
+    assert next(r for r in rows if r["id"] == ex0.id)["votes"] == 2
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--multi-turn"], "--prompt-format tool"),
+    (["--multi-turn", "--prompt-format", "tool", "--select", "prm-beam", "--prm", "x"], "not available"),
+    (["--prompt-format", "tool"], "add --multi-turn"),
+    (["--max-turns", "2"], "only used with --multi-turn"),
+    (["--multi-turn", "--prompt-format", "tool", "--max-turns", "-1"], "max_turns"),
+])
+def test_eval_cli_multi_turn_refuses_bad_combinations(tmp_path, capsys, extra, msg):
+    from jaxsql.cli import main
+
+    rc = main(["eval", "--model", str(tmp_path), "--data", f"synthetic:{tmp_path}:dev", "--out",
+               str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc != 0 and msg in err and "Traceback" not in err and err.count("\n") == 1
