@@ -51,7 +51,9 @@ class RewardContext:
     """Everything a reward may look at for one completion.
 
     `gold` is the gold SQL's result (None without gold SQL); `gold_answers`
-    are gold answer strings (None without them). `comparison` is computed once,
+    are gold answer strings (None without them). `episode` is the
+    `jaxsql.tools.Episode` of a multi-turn rollout (None in single-turn: the
+    episode rewards `tool_format` and `turn_cost` need it). `comparison` is computed once,
     on first use, by `jaxsql.compare.compare_all`. `empty_result` says what a
     prediction counts as when its result and the gold result are both empty
     (`EMPTY_RESULT`) and `empty_value` is the reward it then gets when that is
@@ -67,6 +69,7 @@ class RewardContext:
     empty_result: str = "correct"
     empty_value: float = 0.0
     deadline: Deadline = dataclasses.field(default=NEVER, compare=False, repr=False)
+    episode: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def comparison(self) -> dict[str, Any]:
@@ -238,6 +241,30 @@ def arctic(ctx: RewardContext, correct: float = 1.0, executes: float = 0.1, fail
     return correct if is_correct(ctx, match) else executes
 
 
+def _episode(ctx: RewardContext, reward: str):
+    if ctx.episode is None:
+        raise ConfigError(f"reward {reward}: reads the tool episode; it needs rollout.mode: multi_turn")
+    return ctx.episode
+
+
+def tool_format(ctx: RewardContext, answered: float = 1.0, missing: float = 0.0,
+                malformed: float = 0.0) -> float:
+    """Format reward of a multi-turn episode (ours, `jaxsql.tools`): `answered` when it ended
+    with a final answer (every call before it well formed), `malformed` when a segment was
+    malformed (a nested, empty, stray, unclosed or forged tag, text over the cap), `missing`
+    otherwise (no answer: the row stopped, or a turn or SQL-time budget ended the episode)."""
+    end = _episode(ctx, "tool_format").end
+    if end == "answer":
+        return answered
+    return malformed if end == "malformed" else missing
+
+
+def turn_cost(ctx: RewardContext) -> float:
+    """Per-turn cost of a multi-turn episode (ours): ``-(tool calls made)``, refused calls
+    included; its weight is the cost of one call (``weights: {turn_cost: 0.05}``)."""
+    return -float(_episode(ctx, "turn_cost").turns)
+
+
 RewardFn = Callable[..., float]
 REWARDS: dict[str, RewardFn] = {
     "execution": execution,
@@ -245,7 +272,11 @@ REWARDS: dict[str, RewardFn] = {
     "gated": gated,
     "format": format,
     "arctic": arctic,
+    "tool_format": tool_format,
+    "turn_cost": turn_cost,
 }
+#: Rewards that read `RewardContext.episode` (multi-turn rollouts only).
+EPISODE_REWARDS = ("tool_format", "turn_cost")
 #: The process reward's name in `RewardConfig.weights` (computed by the trainer, not here).
 PROCESS = "process"
 #: Forms of the process reward: a trajectory score added to the outcome reward, or step rewards on tokens.
@@ -427,8 +458,14 @@ _SCORING_TIMEOUT = ExecResult.failure("timeout", "host-side scoring passed its d
 
 
 def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[ExampleLike],
-                config: RewardConfig, *, timeout_s: float | None = None) -> ScoreBatch:
+                config: RewardConfig, *, timeout_s: float | None = None,
+                sqls: Sequence[str | None] | None = None, episodes: Sequence[Any] | None = None) -> ScoreBatch:
     """Score completions[i] against examples[i] (repeat each example G times for GRPO groups).
+
+    `sqls` are the predicted queries when the caller has them already (a
+    multi-turn rollout's final answers, None or "" for none: a failed query);
+    by default each is extracted from its completion with ``config.answer_tag``.
+    `episodes` (multi-turn) are handed to the rewards in `RewardContext.episode`.
 
     All predicted SQL runs in one pool batch together with the (cached) gold
     SQL. Host-side scoring (comparison and rewards) has a deadline of
@@ -438,7 +475,13 @@ def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[Ex
     """
     if len(completions) != len(examples):
         raise JaxsqlError(f"score_batch: {len(completions)} completions but {len(examples)} examples")
-    sqls = [extract_sql(c, config.answer_tag) for c in completions]
+    if sqls is None:
+        sqls = [extract_sql(c, config.answer_tag) for c in completions]
+    else:
+        sqls = [s or "" for s in sqls]
+    if len(sqls) != len(completions) or (episodes is not None and len(episodes) != len(completions)):
+        raise JaxsqlError(f"score_batch: {len(completions)} completions but {len(sqls)} queries"
+                          + ("" if episodes is None else f" and {len(episodes)} episodes"))
     jobs = [(ex.db_path, sql) for ex, sql in zip(examples, sqls)]
     gold_idx = [i for i, ex in enumerate(examples) if ex.gold_sql is not None]
     gold_items = [(examples[i].id, examples[i].db_path, examples[i].gold_sql) for i in gold_idx]
@@ -458,7 +501,8 @@ def score_batch(pool: SqlPool, completions: Sequence[str], examples: Sequence[Ex
 
         def context(pred: ExecResult, limit: Deadline) -> RewardContext:
             return RewardContext(completions[i], sqls[i], pred, golds[i], ex.gold_sql, answers,
-                                 config.empty_result, config.empty_value, limit)
+                                 config.empty_result, config.empty_value, limit,
+                                 None if episodes is None else episodes[i])
 
         try:
             deadline.check()

@@ -151,3 +151,72 @@ def run_bench(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, compare
         result["trl_over_jaxsql"] = round(trl["trl_s_per_step"] / mean["step_s"], 2)
         result["jaxsql_peak_rss_note"] = "peak RSS is per process: after TRL runs it includes torch"
     return result
+
+
+#: Per-step keys of the multi-turn workload's breakdown (from the trainer's step metrics).
+MULTI_TURN_BREAKDOWN = {"rollout_s": "time/rollout_s", "decode_s": "time/decode_s", "tool_s": "time/tool_s",
+                        "extend_s": "time/extend_s", "reward_s": "time/rewards_s",
+                        "ref_logprobs_s": "time/logprobs_s", "update_s": "time/update_s", "step_s": "time/step_s"}
+
+
+def run_bench_multi_turn(model_dir: str | Path, *, steps: int = 3, warmup: int = 1, prompts: int = 4,
+                         generations: int = 8, new_tokens: int = 128, max_prompt_len: int = 320,
+                         beta: float = 0.04, learning_rate: float = 1e-6, seed: int = 0,
+                         work_dir: str | Path | None = None) -> dict[str, Any]:
+    """`jaxsql bench grpo --multi-turn`: seconds per GRPO step of the real trainer in
+    ``rollout.mode: multi_turn`` on the synthetic benchmark (``tool`` prompts, SQL tool calls
+    run in the trainer's pool, execution + tool-format rewards).
+
+    The model needs its tokenizer (the tags are text). The step time is split into the
+    rollout (``decode_s`` the sampler's decode rounds, ``tool_s`` the host running the calls
+    and rendering observations, ``extend_s`` appending them), the reward, the reference
+    log-probs (dispatched before the rewards: their span) and the update; ``tool`` reports
+    how many calls the policy made, since a policy that never calls spends nothing on tools
+    (a random model seldom does; a tool-SFT model does).
+    """
+    import json
+    import tempfile
+
+    from data.synthetic import generate_benchmark
+    from rl.config import load_train_config
+    from rl.trainer import GrpoTrainer
+
+    if not (Path(model_dir) / "tokenizer.json").exists() and not (Path(model_dir) / "tokenizer_config.json").exists():
+        raise JaxsqlError(f"--multi-turn needs a tokenizer in {model_dir} (the tool tags are text)")
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        synth = Path(tmp) / "synthetic"
+        generate_benchmark(synth, seed=seed, n_train=max(64, prompts * (warmup + steps)), n_dev=8)
+        overrides = {
+            "run_dir": str(Path(tmp) / "run"), "model.path": str(model_dir), "data.path": str(synth),
+            "data.prompt_format": "tool", "data.batch_size": prompts, "data.max_prompt_len": max_prompt_len,
+            "rollout.mode": "multi_turn", "sampling.num_generations": generations,
+            "sampling.max_new_tokens": new_tokens, "algo.beta": beta, "algo.loss_agg": "seq_mean_token_mean",
+            "optim.learning_rate": learning_rate, "steps": warmup + steps, "seed": seed, "progress": False,
+            "tensorboard": False, "checkpoint.export_hf": False, "checkpoint.every_steps": 0,
+            "mesh.data": 1, "reward.weights.execution": 1.0, "reward.weights.tool_format": 0.1,
+        }
+        cfg = load_train_config(None, [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                                       for k, v in overrides.items()])
+        history = []
+        with GrpoTrainer(cfg) as trainer:
+            for i in range(warmup + steps):
+                history.append(trainer.step(i))
+            params = trainer.model_cfg.num_params()
+    timed = history[warmup:]
+
+    def mean(key: str) -> float:
+        return round(float(np.mean([m.get(key, 0.0) for m in timed])), 4)
+
+    return {
+        "model": str(model_dir), "params": params, "workload": {
+            "mode": "multi_turn", "prompts": prompts, "generations": generations, "max_prompt_len": max_prompt_len,
+            "new_tokens": new_tokens, "beta": beta, "num_iterations": 1, "loss": "grpo seq_mean_token_mean",
+            "data": "synthetic benchmark, tool prompts", "reward": "execution + 0.1 tool_format"},
+        "steps": steps, "warmup": warmup,
+        "jaxsql_first_step_s": round(float(history[0]["time/step_s"]), 3),
+        "jaxsql_s_per_step": mean("time/step_s"),
+        "jaxsql_breakdown": {k: mean(v) for k, v in MULTI_TURN_BREAKDOWN.items()},
+        "tool": {k: mean(f"tool/{k}") for k in ("turns_per_completion", "used_share", "errors",
+                                                 "observation_share", "answered_share")},
+        "jaxsql_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }

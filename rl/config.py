@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 from jaxsql.config import load_config, require, to_dict
 from jaxsql.errors import JaxsqlError
 from jaxsql.sql import sandbox
+from jaxsql.tools import ToolConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,8 @@ class DataSection:
       source: reader name ("synthetic", "jsonl", "spider", ...).
       path: dataset location ("" for the embedded synthetic benchmark).
       split: split name.
-      prompt_format: "plain", "think", "cocte" or "tool" (multi-turn SQL tool use; SFT only
-        until the multi-turn rollout lands, docs/multiturn.md).
+      prompt_format: "plain", "think", "cocte" or "tool" (multi-turn SQL tool use,
+        docs/multiturn.md; GRPO takes it exactly with ``rollout.mode: multi_turn``).
       batch_size: prompts per step (each sampled G times in GRPO).
       shuffle_seed: seed of the deterministic shuffle.
       max_prompt_len: prompts longer than this (tokens) are left-truncated.
@@ -136,6 +137,33 @@ class SamplingSection:
         require(self.temperature > 0, "SamplingSection", "temperature", "must be > 0")
         require(0 < self.top_p <= 1, "SamplingSection", "top_p", "must be in (0, 1]")
         require(self.top_k >= 0, "SamplingSection", "top_k", "must be >= 0")
+
+
+#: Rollout modes of GRPO: one completion per sample, or episodes with SQL tool calls.
+ROLLOUT_MODES = ("single_turn", "multi_turn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+    """How GRPO's samples are produced.
+
+    Attributes:
+      mode: ``single_turn`` (each sample one uninterrupted completion) or ``multi_turn``
+        (the model may run SQL through ``<sql>`` tool calls while it reasons; the observations
+        are appended to its row as context, `rl.multiturn`, docs/multiturn.md). ``multi_turn``
+        needs ``data.prompt_format: tool``; the tool's budgets are the ``tool`` section
+        (`jaxsql.tools.ToolConfig`).
+    """
+
+    mode: str = "single_turn"
+
+    def __post_init__(self) -> None:
+        require(self.mode in ROLLOUT_MODES, "RolloutSection", "mode",
+                f"must be one of {list(ROLLOUT_MODES)}, got {self.mode!r}")
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.mode == "multi_turn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +379,8 @@ class TrainConfig:
     mesh: MeshSection = MeshSection()
     reward: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     sql: SqlSection = SqlSection()
+    rollout: RolloutSection = RolloutSection()
+    tool: ToolConfig = ToolConfig()
     steps: int = 100
     seed: int = 0
     log_every: int = 1
@@ -361,11 +391,32 @@ class TrainConfig:
         require(bool(self.run_dir), "TrainConfig", "run_dir", "must be set")
         require(self.steps >= 1, "TrainConfig", "steps", "must be >= 1")
         require(self.log_every >= 1, "TrainConfig", "log_every", "must be >= 1")
-        require(self.data.prompt_format != "tool", "DataSection", "prompt_format",
-                "tool (multi-turn) trains with `jaxsql sft` only: the multi-turn GRPO rollout is not built yet")
+        self._check_rollout_mode()
         n = self.data.batch_size * self.sampling.num_generations
         require(n % self.optim.micro_batches == 0, "OptimSection", "micro_batches",
                 f"must divide batch_size x num_generations = {n}")
+
+    def _check_rollout_mode(self) -> None:
+        """The tool prompt format, the multi-turn rollout and the episode rewards go together."""
+        multi = self.rollout.multi_turn
+        require(multi or self.data.prompt_format != "tool", "DataSection", "prompt_format",
+                "tool (multi-turn) needs rollout.mode: multi_turn in GRPO")
+        require(not multi or self.data.prompt_format == "tool", "RolloutSection", "mode",
+                f"multi_turn needs data.prompt_format: tool, got {self.data.prompt_format!r}")
+        from jaxsql.rewards import EPISODE_REWARDS
+
+        weights = self.reward.get("weights", {}) if isinstance(self.reward, Mapping) else {}
+        for name in EPISODE_REWARDS:
+            require(multi or name not in weights, "RewardConfig", f"weights.{name}",
+                    "reads the tool episode: it needs rollout.mode: multi_turn")
+        if not multi:
+            return
+        require("process" not in weights, "RewardConfig", "weights.process",
+                "the process reward is not supported with rollout.mode: multi_turn")
+        stated = ToolConfig()  # what the tool prompt tells the model (data.prompts)
+        for f in ("call_tag", "answer_tag", "max_turns", "max_rows"):
+            require(getattr(self.tool, f) == getattr(stated, f), "ToolConfig", f,
+                    f"the tool prompt states {getattr(stated, f)!r}; a different value would contradict it")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -194,7 +194,8 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
              buckets: Sequence[int] | None = None, select: str = "greedy", num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              scoring: ScoringOptions = ScoringOptions(), log: ResultsLog | None = None,
-             progress: bool = False, prm: PrmGuide | None = None) -> EvalResult:
+             progress: bool = False, prm: PrmGuide | None = None, multi_turn: bool = False,
+             tools: Any = None) -> EvalResult:
     """Generate a prediction for every example, score it, and summarise.
 
     Args:
@@ -216,6 +217,15 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
         rows are appended as each chunk finishes.
       progress: show a progress bar (stderr).
       prm: the `PrmGuide` of ``prm-best-of-n`` / ``prm-beam`` (which need ``cocte`` prompts).
+      multi_turn: generate with `rl.multiturn.multi_turn_rollout` (the ``tool`` prompt
+        format): the model may run SQL while it answers; the final answer's SQL is the
+        prediction (none: an empty prediction). Rows get ``turns``, ``tool_errors``,
+        ``tool_end`` and ``calls``; the summary gets `jaxsql.tools.episode_metrics` of the
+        chosen episodes (`tool_summary`) and this call's loop counters summed over its
+        batches: ``tool/decode_s``, ``tool/tool_s``, ``tool/extend_s``, ``tool/total_s``,
+        ``tool/rounds``, ``tool/decode_steps``, ``tool/false_stops``, ``tool/model_tokens``,
+        ``tool/observation_tokens`` (every sampled episode, padding rows included).
+      tools: the `jaxsql.tools.ToolConfig` of `multi_turn` (tags, budgets; default ``ToolConfig()``).
     """
     import jax
 
@@ -233,6 +243,12 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
                               f"prompt format, got {prompt_format!r}")
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise JaxsqlError("evaluate: num_samples, batch_size and max_new_tokens must be >= 1")
+    if multi_turn and (prompt_format != "tool" or strategy.needs_prm):
+        raise JaxsqlError(f"multi-turn evaluation needs the tool prompt format and a greedy or vote selection; got "
+                          f"prompt format {prompt_format!r} and selection {select!r}")
+    if prompt_format == "tool" and not multi_turn:
+        raise JaxsqlError("the tool prompt format runs the model's SQL calls: evaluate it with multi_turn=True "
+                          "(jaxsql eval --multi-turn)")
     schema = schema or schema_cache()
     stop = {int(s) for s in cfg.eos_token_ids}
     if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -259,6 +275,12 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
         from rl.prm_search import boundary_rule
 
         searcher = (sampler_model(params, cfg), boundary_rule(tokenizer, cfg.vocab_size, stop_ids))
+    looper = None
+    if multi_turn:
+        from jaxsql.tools import ToolConfig, ToolRunner
+        from models.sampler import sampler_model
+
+        looper = (sampler_model(params, cfg), ToolRunner(pool, tools or ToolConfig()), collections.Counter())
     with ScoringRun(examples, log, progress) as run:
         for k, idx in enumerate(chunks):
             keep = [j for j, i in enumerate(idx) if not run.is_done(examples[i])]
@@ -272,6 +294,11 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
                                           stop_ids, temperature, top_p, entropies)
                 run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
                 continue
+            if looper is not None:
+                preds = _multi_turn_predictions(looper, tokenizer, strategy, pool, chunk, prompts, key, batch_size,
+                                                num_samples, temperature, top_p, max_new_tokens, stop_ids)
+                run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
+                continue
             padded = prompts + [prompts[-1]] * (batch_size - len(prompts))
             out = generate(params, cfg, padded, key=key, max_new_tokens=max_new_tokens, num_samples=num_samples,
                            greedy=strategy.greedy, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
@@ -282,7 +309,58 @@ def evaluate(params: Any, cfg: Any, tokenizer: Any, examples: Sequence[Example],
                        for r in range(len(texts))]
             preds = _select(strategy, pool, chunk, texts, mean_lp, num_samples, prm, entropies)
             run.add(score_predictions(pool, [chunk[j] for j in keep], [preds[j] for j in keep], scoring))
-        return run.result()
+        result = run.result()
+    if looper is not None:
+        timing = {f"tool/{k}": round(v, 3) for k, v in looper[2].items()}
+        result = dataclasses.replace(result, summary={**result.summary, **tool_summary(result.rows), **timing})
+    return result
+
+
+def tool_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`jaxsql.tools.episode_metrics` of the multi-turn rows of an evaluation (their ``calls``
+    and ``tool_end`` fields), so a resumed run summarises every row, not only the new ones."""
+    from jaxsql.tools import Episode, ToolCall, episode_metrics
+
+    eps = [Episode("", calls=[ToolCall(c["sql"], c["error"], "") for c in r["calls"]], end=r.get("tool_end"))
+           for r in rows if "calls" in r]
+    if not eps:
+        return {}
+    out = episode_metrics(eps)
+    return {k: v for k, v in out.items() if not k.startswith("tool/end/") or v}
+
+
+def _multi_turn_predictions(looper: tuple[Any, Any, Any], tokenizer: Any, strategy: SelectionStrategy, pool: Any,
+                            chunk: Sequence[Example], prompts: Sequence[Sequence[int]], key: Any, batch_size: int,
+                            n: int, temperature: float, top_p: float, max_new_tokens: int,
+                            stop_ids: Sequence[int]) -> list[Prediction]:
+    """One `Prediction` per example of the chunk from `n` multi-turn episodes each
+    (`rl.multiturn.multi_turn_rollout`; the chunk is padded to `batch_size` prompts, rounded
+    up to the batch devices, so every call has one shape)."""
+    from rl.multiturn import multi_turn_rollout
+
+    model, runner, timing = looper
+    rows = -(-batch_size // model.shards) * model.shards
+    padded = list(prompts) + [prompts[-1]] * (rows - len(prompts))
+    dbs = [ex.db_path for ex in chunk] + [chunk[-1].db_path] * (rows - len(chunk))
+    out = multi_turn_rollout(model, padded, dbs, runner, tokenizer, key=key, num_samples=n,
+                             greedy=strategy.greedy, temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    for name in ("decode_s", "tool_s", "extend_s", "total_s", "rounds", "decode_steps", "false_stops",
+                 "model_tokens", "observation_tokens"):
+        timing[name] += out.stats[name]
+    sampled = out.sampled_mask.sum(1)
+    mean_lp = out.logprobs.sum(1) / np.maximum(sampled, 1)
+    m = len(chunk) * n
+    texts = [e.text for e in out.episodes[:m]]
+    sqls = [e.answer if e.end == "answer" else "" for e in out.episodes[:m]]
+    preds = _select(strategy, pool, chunk, texts, [float(x) for x in mean_lp[:m]], n, sqls=sqls)
+    res = []
+    for e, p in enumerate(preds):
+        ep = out.episodes[e * n + int(p.extra.get("selected", 0))]
+        extra = {**p.extra, "turns": ep.turns, "tool_errors": sum(1 for c in ep.calls if c.error is not None),
+                 "tool_end": ep.end, "calls": [{"sql": c.sql, "error": c.error} for c in ep.calls]}
+        res.append(dataclasses.replace(p, extra=extra))
+    return res
 
 
 def _beam_predictions(searcher: tuple[Any, Any], tokenizer: Any, chunk: Sequence[Example],
@@ -304,10 +382,12 @@ def _beam_predictions(searcher: tuple[Any, Any], tokenizer: Any, chunk: Sequence
 
 
 def _select(strategy: SelectionStrategy, pool: Any, chunk: Sequence[Example], texts: Sequence[str],
-            mean_lp: Sequence[float], n: int, prm: PrmGuide | None = None, entropies: Any = None
-            ) -> list[Prediction]:
-    """One `Prediction` per example of the chunk from its `n` sampled completions."""
-    cands = [[Candidate(texts[e * n + g], extract_sql(texts[e * n + g]), mean_lp[e * n + g]) for g in range(n)]
+            mean_lp: Sequence[float], n: int, prm: PrmGuide | None = None, entropies: Any = None,
+            sqls: Sequence[str] | None = None) -> list[Prediction]:
+    """One `Prediction` per example of the chunk from its `n` sampled completions (their SQL:
+    `sqls`, default `extract_sql` of each text)."""
+    sqls = sqls if sqls is not None else [extract_sql(t) for t in texts]
+    cands = [[Candidate(texts[e * n + g], sqls[e * n + g], mean_lp[e * n + g]) for g in range(n)]
              for e in range(len(chunk))]
     if strategy.needs_results:
         jobs = [(ex.db_path, c.sql) for ex, cs in zip(chunk, cands) for c in cs]

@@ -21,7 +21,7 @@ import numpy as np
 from data.records import Example
 from models.attention import on_mesh_of
 from models.config import ModelConfig
-from models.sampler import SampleOutput, generate
+from models.sampler import SampleOutput, bucket_length, generate, left_pad
 from rl.batch import Batch, FlatBatch
 from rl.policy import batch_logprobs
 
@@ -138,3 +138,36 @@ def sample_rollout(params, cfg: ModelConfig, encoder: PromptEncoder, examples: S
                    stop_ids=tuple(stop_ids), ignore_stop=ignore_stop, pad_id=pad_id, rules=rules)
     repeated = [ex for ex in examples for _ in range(num_generations)]
     return Rollout(repeated, assemble(out, num_generations), out.tokens, out.lengths)
+
+
+def multi_turn_batch(rollout: Any, prompts: Sequence[Sequence[int]], group: int, pad_id: int,
+                     width: int = 0) -> Batch:
+    """The grouped training batch (host arrays) of a multi-turn rollout (`rl.multiturn`).
+
+    `rollout` has ``completion_tokens`` / ``completion_mask`` / ``sampled_mask`` /
+    ``logprobs`` [N*G, C] with rows group-major (rows g*G .. g*G+G-1 answer prompt g) and
+    `prompts` are the N prompts' ids. The completion holds the model's tokens and the
+    observations in order: ``completion_mask`` is every real token (the policy attends to
+    all of them), ``loss_mask`` the sampled tokens only (the loss, the ratio, the KL, the
+    length normalisation and the mismatch metric score those), ``sampler_logp`` the
+    sampler's log-probs on them (0 elsewhere). Completions are right-padded with `pad_id`
+    to ``max(C, width)`` columns (a fixed `width` keeps the update's shapes fixed) and the
+    prompts left-padded to a bucket length, as `models.sampler.generate` pads them.
+    """
+    tokens = np.asarray(rollout.completion_tokens, np.int32)
+    cmask = np.asarray(rollout.completion_mask, np.int32)
+    smask = np.asarray(rollout.sampled_mask, np.int32)
+    logp = np.asarray(rollout.logprobs, np.float32)
+    B, C = tokens.shape
+    if B != len(prompts) * group:
+        raise ValueError(f"multi_turn_batch: {B} completion rows for {len(prompts)} prompts x {group}")
+    if np.any(smask > cmask):
+        raise ValueError("multi_turn_batch: a sampled token outside the completion mask")
+    pad = max(C, int(width)) - C
+    if pad:
+        tokens = np.pad(tokens, ((0, 0), (0, pad)), constant_values=pad_id)
+        cmask, smask, logp = (np.pad(x, ((0, 0), (0, pad))) for x in (cmask, smask, logp))
+    p_NP, pm_NP = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), pad_id)
+    return Batch(prompt_tokens=np.asarray(p_NP, np.int32), prompt_mask=np.asarray(pm_NP, np.int32),
+                 completion_tokens=tokens, completion_mask=cmask, loss_mask=smask,
+                 sampler_logp=logp * smask)

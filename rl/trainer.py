@@ -17,6 +17,13 @@ to its scores being ready and ``time/prm_hidden_s`` the part of it the host spen
 placing steps on tokens (`rl.process`). The updates minimise the registered
 ``"grpo"`` loss (`rl.losses`) on a grouped `rl.batch.Batch`.
 
+With ``rollout.mode: multi_turn`` the rollout is `rl.multiturn.multi_turn_rollout`
+(the model's SQL tool calls run in the run's pool while it decodes); the batch
+attends to the observations (``completion_mask``) and scores the sampled tokens only
+(``loss_mask``), the rewards read each episode's final answer, and the step logs the
+tool metrics (``tool/...``) and ``time/decode_s`` / ``time/tool_s`` / ``time/extend_s``
+(docs/multiturn.md).
+
 `GrpoTrainer` is a `rl.base_trainer.BaseTrainer`: the loop (`rl.loop`:
 checkpoints every ``checkpoint.every_steps`` and on SIGTERM / SIGINT,
 metrics, progress), the run-directory checks and `--resume` come from
@@ -44,10 +51,11 @@ from jaxsql.errors import ConfigError
 from jaxsql.rewards import concat_scores
 from rl import algo, setup
 from rl.base_trainer import BaseTrainer
-from rl.batch import Batch
+from jaxsql.tools import episode_metrics
+from rl.batch import Batch, batch_fields
 from rl.config import TrainConfig
 from rl.process import StepScores, completion_step_ends, step_advantages, trajectory_rewards
-from rl.rollout import completion_logprobs, decode_completions, sample_rollout
+from rl.rollout import completion_logprobs, decode_completions, multi_turn_batch, sample_rollout
 from rl.train_step import StepConfig
 
 
@@ -81,6 +89,11 @@ def _watch(arrays) -> cf.Future:
     return fut
 
 
+def _is_count(key: str) -> bool:
+    """`jaxsql.tools.episode_metrics` keys that are counts (summed over draws), not shares."""
+    return key in ("tool/episodes", "tool/calls", "tool/errors") or key.startswith("tool/end/")
+
+
 class GrpoTrainer(BaseTrainer):
     """A GRPO run: the base trainer's model, data and checkpoints, plus the SQL pool (its own
     unless `pool` is given), the reward thread and the reference policy (beta > 0)."""
@@ -111,6 +124,13 @@ class GrpoTrainer(BaseTrainer):
         if self.pool is None:
             self.pool = self.config.sql.open_pool()
             self._releases.append(self.pool.close)
+        if self.config.rollout.multi_turn:
+            from jaxsql.tools import ToolRunner
+
+            if distributed.process_count() > 1:
+                raise ConfigError("RolloutSection.mode: multi_turn runs on one process "
+                                  "(the multi-host multi-turn rollout is not built)")
+            self.tool_runner = ToolRunner(self.pool, self.config.tool)
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
         self._releases.append(lambda: self._executor.shutdown(wait=True))
         if self.process is not None:
@@ -128,6 +148,8 @@ class GrpoTrainer(BaseTrainer):
         """Sample one grain batch, dispatch device log-probs, score on the host."""
         c = self.config
         batch = next(self.iterator)
+        if c.rollout.multi_turn:
+            return self._draw_multi_turn(key, batch)
         t0 = time.perf_counter()
         params = self.state["params"]
         ro = sample_rollout(params, self.model_cfg, self.encoder, batch, key=key,
@@ -172,6 +194,53 @@ class GrpoTrainer(BaseTrainer):
                 "device_span": dev_span, "prm_span": prm["span"] if prm else None,
                 "prm_hidden": prm["hidden"] if prm else 0.0}
 
+    def _draw_multi_turn(self, key, batch) -> dict[str, Any]:
+        """One draw of multi-turn episodes (`rl.multiturn.multi_turn_rollout`): the sampler
+        decodes until rows close a tool call, the run's SQL pool answers the calls
+        (`jaxsql.tools.ToolRunner`), the observations are appended and decoding goes on.
+        The batch attends to every token and scores the sampled ones (`multi_turn_batch`);
+        the rewards score each episode's final answer."""
+        from models.sampler import sampler_model
+        from rl.multiturn import multi_turn_rollout
+
+        c = self.config
+        G = c.sampling.num_generations
+        t0 = time.perf_counter()
+        params = self.state["params"]
+        prompts = [self.encoder(ex) for ex in batch]
+        mt = multi_turn_rollout(sampler_model(params, self.model_cfg, pad_id=self.pad_id, rules=self.rules),
+                                prompts, [ex.db_path for ex in batch], self.tool_runner, self.tokenizer,
+                                key=key, num_samples=G, temperature=c.sampling.temperature,
+                                top_p=c.sampling.top_p, top_k=c.sampling.top_k,
+                                max_new_tokens=c.sampling.max_new_tokens, max_turns=c.tool.max_turns,
+                                stop_ids=self.stop_ids)
+        host = multi_turn_batch(mt, prompts, G, self.pad_id, width=c.sampling.max_new_tokens)
+        rows = host.replace(**{k: self.update_step.global_rows(v) for k, v in batch_fields(host).items()})
+        t_rollout = time.perf_counter() - t0
+        device = {}
+        if self.ref_params is not None:
+            device["ref_logp"] = completion_logprobs(self.ref_params, rows, self.model_cfg,
+                                                     c.sampling.temperature)[0]
+        if c.algo.num_iterations > 1:
+            device["old_logp"] = completion_logprobs(params, rows, self.model_cfg, c.sampling.temperature)[0]
+        watch = _watch(device) if device else None
+        examples = [ex for ex in batch for _ in range(G)]
+        texts = [e.text for e in mt.episodes]
+        scored = self._executor.submit(_Timed, self._score, texts, examples, list(mt.final_sql),
+                                       list(mt.episodes)).result()
+        dev_span = watch.result() if watch else None
+        score = scored.value
+        lengths = np.asarray(host.completion_mask).sum(axis=1)
+        sampled = float(np.asarray(host.loss_mask).sum())
+        tool = episode_metrics(mt.episodes)
+        tool["tool/observation_share"] = 1.0 - sampled / max(float(lengths.sum()), 1.0)
+        tool["tool/sampled_tokens_mean"] = sampled / len(lengths)
+        return {"rows": rows.replace(**device), "score": score, "texts": texts, "rewards": score.rewards,
+                "steps": None, "groups": len(batch), "lengths": lengths, "t_rollout": t_rollout,
+                "reward_span": (scored.start, scored.end), "device_span": dev_span, "prm_span": None,
+                "prm_hidden": 0.0, "tool": tool,
+                "rollout_stats": {k: float(v) for k, v in mt.stats.items()}}
+
     def _host_work(self, texts, examples):
         """The rewards thread's task: (outcome `ScoreBatch`, executed CoCTE trajectories, PRM
         rows), the last two None without process rewards."""
@@ -188,11 +257,12 @@ class GrpoTrainer(BaseTrainer):
                            self.process.max_len)
         return score, trajs, rows
 
-    def _score(self, texts, examples):
-        """This process's completions scored on its own SQL pool (its local databases)."""
+    def _score(self, texts, examples, sqls=None, episodes=None):
+        """This process's completions scored on its own SQL pool (its local databases); a
+        multi-turn draw passes its final answers (`sqls`) and `episodes`."""
         from jaxsql.rewards import score_batch
 
-        return score_batch(self.pool, texts, examples, self.rewards)
+        return score_batch(self.pool, texts, examples, self.rewards, sqls=sqls, episodes=episodes)
 
     def _process_scores(self, rows, trajs, tokens, lengths, texts) -> dict[str, Any]:
         """Dispatch the PRM on this process's rows, place the steps on the completion tokens
@@ -252,7 +322,8 @@ class GrpoTrainer(BaseTrainer):
         if filler:
             adv[n_real * G:] = 0.0
             live = self.update_step.global_rows((np.arange(B * G) < n_real * G).astype(np.int32)[:, None])
-            rows = rows.replace(completion_mask=rows.completion_mask * live)
+            rows = rows.replace(completion_mask=rows.completion_mask * live,
+                                loss_mask=None if rows.loss_mask is None else rows.loss_mask * live)
         rows = rows.replace(advantages=self.update_step.global_rows(adv.astype(np.float32)))
         # micro-batches are whole groups; when they cannot be, full rows
         batch = rows if B % c.optim.micro_batches == 0 else rows.flat()
@@ -295,6 +366,14 @@ class GrpoTrainer(BaseTrainer):
         m.update({"time/rollout_s": rollout_s, "time/rewards_s": reward_s, "time/logprobs_s": logprob_s,
                   "time/reward_hidden_s": hidden, "time/update_s": t_end - t_update, "time/step_s": step_s,
                   "tokens_per_s": float(sum(np.sum(d["lengths"]) for d in draws)) / max(step_s, 1e-9)})
+        if c.rollout.multi_turn:
+            # the tool's metrics over every draw's episodes; the rollout's own timings summed
+            n_eps = sum(d["tool"]["tool/episodes"] for d in draws)
+            for k in first["tool"]:
+                total = sum(d["tool"][k] * (1.0 if _is_count(k) else d["tool"]["tool/episodes"]) for d in draws)
+                m[k] = total if _is_count(k) else total / max(n_eps, 1.0)
+            for k in ("decode_s", "tool_s", "extend_s"):
+                m[f"time/{k}"] = sum(d["rollout_stats"].get(k, 0.0) for d in draws)
         self._log_samples(step, first)
         return m
 

@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                    help="sampling temperature for vote and the PRM strategies (default 1)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prompt-format", choices=["plain", "think", "cocte"], default="plain")
+    g.add_argument("--prompt-format", choices=["plain", "think", "cocte", "tool"], default="plain",
+                   help="the policy's prompt format (tool: with --multi-turn)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--max-prompt-len", type=int, default=None, help="keep the last N prompt tokens")
     g.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default 64)")
@@ -75,6 +76,18 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--sample-values", type=int, default=0, help="sample values per column in the schema")
     g.add_argument("--devices", default="auto", help="devices to split generation over: auto or N")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    t = p.add_argument_group("multi-turn tool use (--multi-turn, --prompt-format tool; docs/multiturn.md)")
+    t.add_argument("--multi-turn", action="store_true",
+                   help="the model may run read-only SQL on the example's database while it answers "
+                        "(<sql>...</sql>, result as an observation); its final <solution> is the prediction")
+    t.add_argument("--max-turns", type=int, default=None, help="tool calls per episode (default 3)")
+    t.add_argument("--tool-max-rows", type=int, default=None, help="result rows an observation shows (default 10)")
+    t.add_argument("--tool-max-cell-chars", type=int, default=None,
+                   help="characters shown of one cell (default 40)")
+    t.add_argument("--tool-max-chars", type=int, default=None,
+                   help="characters of an observation's body (default 1000)")
+    t.add_argument("--tool-max-sql-s", type=float, default=None,
+                   help="SQL seconds per episode; a call past it is refused (default 10)")
     r = p.add_argument_group("PRM-guided selection (--select prm-best-of-n | prm-beam, --prompt-format cocte)")
     r.add_argument("--prm", default=None, metavar="DIR",
                    help="process reward model directory (jaxsql prm init / prm train); its tokenizer must be "
@@ -164,7 +177,10 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.predictions is not None:
         if args.prm is not None:
             raise UsageError("--prm: only used with --model (PRM-guided selection of generated samples)")
+        if args.multi_turn:
+            raise UsageError("--multi-turn: only used with --model (the model runs SQL while it answers)")
         return
+    _check_multi_turn(args)
     if args.select in ("greedy", "prm-beam") and args.n not in (None, 1):
         raise UsageError(f"--n: --select {args.select} takes one sample; use --select vote or prm-best-of-n")
     prm_select = args.select.startswith("prm-")
@@ -193,6 +209,34 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-p: must be in (0, 1], got {args.top_p}")
 
 
+_TOOL_FLAGS = {"max_turns": "max_turns", "tool_max_rows": "max_rows", "tool_max_cell_chars": "max_cell_chars",
+               "tool_max_chars": "max_chars", "tool_max_sql_s": "max_sql_s"}
+
+
+def _check_multi_turn(args: argparse.Namespace) -> None:
+    """--multi-turn goes with --prompt-format tool and a greedy or vote selection; the tool flags with it."""
+    if args.multi_turn:
+        if args.prompt_format != "tool":
+            raise UsageError(f"--multi-turn: the policy must answer in the tool prompt format (--prompt-format "
+                             f"tool), got {args.prompt_format}")
+        if args.select not in ("greedy", "vote"):
+            raise UsageError(f"--multi-turn: selection {args.select} is not available; use greedy or vote")
+        _tool_config(args)  # a bad value: one line naming the flag's field
+    else:
+        if args.prompt_format == "tool":
+            raise UsageError("--prompt-format tool: the model's SQL calls must run; add --multi-turn")
+        given = [f"--{f.replace('_', '-')}" for f in _TOOL_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only used with --multi-turn")
+
+
+def _tool_config(args: argparse.Namespace) -> Any:
+    """The `jaxsql.tools.ToolConfig` of the tool flags (defaults for those not given)."""
+    from jaxsql.tools import ToolConfig
+
+    return ToolConfig(**{field: getattr(args, f) for f, field in _TOOL_FLAGS.items() if getattr(args, f) is not None})
+
+
 def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
     """What defines a run (a rerun with the same values resumes)."""
     cfg: dict[str, Any] = {"data": dataclasses.asdict(spec), "timeout_s": args.timeout,
@@ -207,6 +251,8 @@ def _run_config(args: argparse.Namespace, spec: DataSpec) -> dict[str, Any]:
                    prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
                    max_prompt_len=args.max_prompt_len, batch_size=args.batch_size,
                    schema_style=args.schema_style, sample_values=args.sample_values, dtype=args.dtype)
+        if args.multi_turn:
+            cfg.update(multi_turn=dataclasses.asdict(_tool_config(args)))
         if args.prm is not None:
             cfg.update(prm=args.prm if is_remote(args.prm) else str(Path(args.prm).resolve()), prm_aggregate=args.prm_aggregate,
                        prm_tau=args.prm_tau if args.prm_aggregate == "entropy" else None,
@@ -352,7 +398,8 @@ def _evaluate_model(args: argparse.Namespace, model: tuple[Any, Any, Any, Any], 
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     max_prompt_len=args.max_prompt_len, select=args.select, num_samples=_samples(args),
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, scoring=scoring, log=log,
-                    progress=not args.no_progress, prm=_prm_guide(args, prm, tok, cfg))
+                    progress=not args.no_progress, prm=_prm_guide(args, prm, tok, cfg),
+                    multi_turn=args.multi_turn, tools=_tool_config(args) if args.multi_turn else None)
 
 
 def _pool(args: argparse.Namespace):

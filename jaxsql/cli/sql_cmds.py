@@ -86,7 +86,7 @@ def _exec(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from jaxsql.compare import compare_all
     from jaxsql.extract import extract_sql
-    from jaxsql.rewards import REWARDS, RewardConfig, RewardContext
+    from jaxsql.rewards import EPISODE_REWARDS, REWARDS, RewardConfig, RewardContext
     from jaxsql.sql import execute
 
     _check_limits(args)
@@ -96,12 +96,13 @@ def _compare(args: argparse.Namespace) -> int:
     gold = execute(args.db, args.gold, **limits) if args.gold is not None else None
     answers = tuple(args.answer) if args.answer is not None else None
     ctx = RewardContext(args.pred, pred_sql, pred, gold, args.gold, answers)
-    defaults = RewardConfig(weights={name: 1.0 for name in REWARDS})
+    one_query = {name: fn for name, fn in REWARDS.items() if name not in EPISODE_REWARDS}  # no tool episode here
+    defaults = RewardConfig(weights={name: 1.0 for name in one_query})
     out = {
         "pred": pred.to_json(),
         "gold": gold.to_json() if gold is not None else None,
         "metrics": compare_all(pred, gold, answers, args.gold, pred_sql),
-        "rewards": {name: fn(ctx, **defaults.kwargs(name)) for name, fn in REWARDS.items()},
+        "rewards": {name: fn(ctx, **defaults.kwargs(name)) for name, fn in one_query.items()},
     }
     print(json.dumps(out, ensure_ascii=False))
     return 0

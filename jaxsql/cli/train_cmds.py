@@ -74,11 +74,21 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench_grpo(args: argparse.Namespace) -> int:
-    from rl.bench import run_bench
+    from jaxsql.errors import JaxsqlError
+    from rl.bench import run_bench, run_bench_multi_turn
 
+    if args.multi_turn:
+        if args.compare_trl:
+            raise JaxsqlError("bench grpo: --compare-trl has no multi-turn counterpart; drop one of them")
+        result = run_bench_multi_turn(args.model, steps=args.steps, warmup=args.warmup, prompts=args.prompts,
+                                      generations=args.generations, new_tokens=args.new_tokens or 128,
+                                      max_prompt_len=args.prompt_len or 320, beta=args.beta)
+        json.dump(result, sys.stdout, indent=1)
+        print()
+        return 0
     result = run_bench(args.model, steps=args.steps, warmup=args.warmup, compare_trl=args.compare_trl,
-                       prompts=args.prompts, generations=args.generations, prompt_len=args.prompt_len,
-                       new_tokens=args.new_tokens, beta=args.beta)
+                       prompts=args.prompts, generations=args.generations, prompt_len=args.prompt_len or 128,
+                       new_tokens=args.new_tokens or 64, beta=args.beta)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0
@@ -109,7 +119,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
     b.add_argument("--prompts", type=int, default=4)
     b.add_argument("--generations", type=int, default=8)
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--prompt-len", type=int, default=None,
+                   help="prompt tokens (default 128; with --multi-turn the longest prompt kept, default 320)")
+    b.add_argument("--new-tokens", type=int, default=None,
+                   help="completion tokens (default 64; with --multi-turn the episode's budget, default 128)")
+    b.add_argument("--multi-turn", action="store_true",
+                   help="the multi-turn workload: the real trainer with SQL tool calls on the synthetic benchmark")
     b.add_argument("--beta", type=float, default=0.04)
     b.set_defaults(func=_bench_grpo)

@@ -32,7 +32,7 @@ def ctx(pred, gold=GOLD, completion=GOOD_FORMAT, answers=None, gold_sql="SELECT 
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"execution", "qatch", "gated", "format", "arctic"}
+    assert set(REWARDS) == {"execution", "qatch", "gated", "format", "arctic", "tool_format", "turn_cost"}
     assert "process" not in REWARDS
 
 
