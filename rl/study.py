@@ -68,9 +68,14 @@ ARMS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
                                     "algo.advantage=drgrpo"),
                    "Think2SQL gated dense reward, no advantage scaling (centred only)"),
     "rewardsql": ("cocte_sft", "cocte", (), "Reward-SQL: CoCTE policy, execution + PRM process reward"),
+    "multiturn": ("tool_sft", "tool", ("rollout.mode=multi_turn", "reward.weights={execution: 1.0}"),
+                  "multi-turn tool use: the policy runs SQL while it answers (execution reward)"),
 }
+#: the arms a study runs unless --arms says otherwise: the three methods (``multiturn``, whose
+#: traces are about three times longer to train on, is added with ``--arms``)
+DEFAULT_ARMS = ("answers", "dense_group", "dense_batch", "dense_none", "rewardsql")
 SELECTORS = ("greedy", "vote", "prm-best-of-n")
-STARTS = {"sft": "plain", "cocte_sft": "cocte"}
+STARTS = {"sft": "plain", "cocte_sft": "cocte", "tool_sft": "tool"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +99,17 @@ class StudyConfig:
       prm_overrides: overrides of the PRM recipe (``rl/recipes/study_prm.yaml``).
       rewardsql_overrides: GRPO overrides of the ``rewardsql`` arm; ``{prm}`` stands for the
         seed's PRM directory.
+      tool_sft_overrides: extra SFT overrides of the multi-turn cold start (tool traces: longer
+        prompts and targets); only part of the identity when the ``multiturn`` arm runs.
+      tool_new_tokens: token budget of a multi-turn episode (model and observation tokens; GRPO and
+        evaluation); only part of the identity when the ``multiturn`` arm runs.
       eval_batch: prompts per generate call in evaluation.
       minutes: wall-clock cap of each training phase (each seed's demo phases share one; not part
         of the identity); the steps are fixed, and a phase the cap cuts short says so.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     selectors: tuple[str, ...] = SELECTORS
     num_samples: int = 8
     n_train: int = 2000
@@ -119,6 +128,8 @@ class StudyConfig:
     rewardsql_overrides: tuple[str, ...] = (
         "reward.weights={execution: 1.0, process: 1.0}", "reward.process.prm={prm}",
         "reward.process.form=step", "reward.process.advantage=rewardsql", "reward.process.max_len=512")
+    tool_sft_overrides: tuple[str, ...] = ("data.max_target_len=200", "data.max_prompt_len=320")
+    tool_new_tokens: int = 200
     eval_batch: int = 100
     minutes: float = 600.0
 
@@ -136,7 +147,8 @@ class StudyConfig:
         bad = [s for s in self.selectors if s not in KNOWN]
         require(not bad and len(self.selectors) >= 1, name, "selectors",
                 f"unknown {bad}; selectors are {sorted(KNOWN)}")
-        for f in ("label_questions", "label_k", "label_trajectories", "cocte_new_tokens", "eval_batch"):
+        for f in ("label_questions", "label_k", "label_trajectories", "cocte_new_tokens", "tool_new_tokens",
+                  "eval_batch"):
             require(getattr(self, f) >= 1, name, f, "must be >= 1")
         require(self.minutes > 0, name, "minutes", "must be > 0")
         self.demo_config(self.seeds[0])  # the demo's own checks (sizes, recipes)
@@ -148,6 +160,10 @@ class StudyConfig:
     @property
     def needs_cocte(self) -> bool:
         return self.needs_prm or any(ARMS[a][0] == "cocte_sft" for a in self.arms)
+
+    @property
+    def needs_tool(self) -> bool:
+        return any(ARMS[a][0] == "tool_sft" for a in self.arms)
 
     def demo_config(self, seed: int) -> demo.DemoConfig:
         """The demo settings of one seed's base (data, SFT, answers-only questions)."""
@@ -163,6 +179,9 @@ class StudyConfig:
         recipes' contents through the demo's identity)."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         d.pop("minutes")
+        if not self.needs_tool:  # studies without the multi-turn arm keep the identity they had before it
+            d.pop("tool_sft_overrides")
+            d.pop("tool_new_tokens")
         d["demo"] = self.demo_config(0).identity()
         d["demo"].pop("seed")
         return d
@@ -180,7 +199,8 @@ def smoke_config(seeds: tuple[int, ...] = (0,)) -> StudyConfig:
         cocte_sft_overrides=("data.max_target_len=24", "data.max_prompt_len=200"), cocte_new_tokens=24,
         label_questions=4, label_k=2, label_trajectories=2,
         prm_overrides=("steps=2", "eval_every=1", "data.batch_size=2", "prm.max_len=256"),
-        minutes=30.0)
+        arms=tuple(ARMS), tool_sft_overrides=("data.max_target_len=64", "data.max_prompt_len=320"),
+        tool_new_tokens=48, minutes=30.0)
 
 
 class StudyDir(demo.DemoDir):
@@ -271,6 +291,43 @@ def cocte_sft_config(d: demo.DemoDir, cfg: StudyConfig, progress: bool = False):
         "data.prompt_format": "cocte", "seed": c.seed, "data.shuffle_seed": c.seed})
 
 
+def _tool_data(d: demo.DemoDir, pool) -> dict[str, Any]:
+    """The SFT examples as multi-turn traces from their gold SQL (``data/sft.tool.jsonl``: the
+    examples whose trace is kept, `data.multiturn`)."""
+    from data.cocte import write_jsonl
+    from data.multiturn import build_traces, trace_report
+    from data.readers import read_examples
+
+    sft = read_examples("jsonl", str(d.path("data", "sft.jsonl")))
+    report = trace_report(sft, build_traces(sft, pool.execute_batch))
+    kept = [e for e, t in report.items if t.kept]  # SFT re-derives each kept example's trace (`data.multiturn`)
+    written = write_jsonl(kept, d.path("data", "sft.tool.jsonl"), relative_to=d.path("data"))
+    if written == 0:
+        raise JaxsqlError(f"{d.path('data', 'sft.jsonl')}: no example gave a tool trace that runs")
+    return {"written": written, **report.to_json()}
+
+
+def tool_sft_config(d: demo.DemoDir, cfg: StudyConfig, progress: bool = False):
+    """The multi-turn cold start: the demo's SFT recipe on ``sft.tool.jsonl`` with ``prompt_format:
+    tool`` (observation tokens masked out of the loss)."""
+    from rl.config import SftConfig
+
+    c = d.config
+    overrides = list(c.sft_overrides) + list(cfg.tool_sft_overrides) + [f"progress={progress}"]
+    return demo._recipe_config(d, SftConfig, c.sft_recipe, overrides, {
+        "run_dir": d.path("checkpoints", "tool_sft"), "model.path": d.path("checkpoints", "init"),
+        "model.tokenizer": d.path("tokenizer"), "data.path": d.path("data", "sft.tool.jsonl"),
+        "data.prompt_format": "tool", "seed": c.seed, "data.shuffle_seed": c.seed})
+
+
+def _tool_sft(d: demo.DemoDir, cfg: StudyConfig, writer, say, progress: bool) -> dict[str, Any]:
+    from rl.sft import SftTrainer
+
+    config = tool_sft_config(d, cfg, progress)
+    with SftTrainer(config, resume=demo._has_checkpoint(Path(config.run_dir))) as trainer:
+        return demo._train_phase(trainer, "tool_sft", _deadline(cfg), cfg.minutes, writer, say)
+
+
 def _deadline(cfg: StudyConfig) -> float:
     """When a training phase starting now must stop (`StudyConfig.minutes` after its start)."""
     return time.time() + 60.0 * cfg.minutes
@@ -348,6 +405,10 @@ def arm_config(d: demo.DemoDir, cfg: StudyConfig, arm: str, progress: bool = Fal
         cocte = cocte_sft_config(d, cfg)
         extra += [f"sampling.max_new_tokens={cfg.cocte_new_tokens}", "data.prompt_format=cocte",
                   f"data.max_prompt_len={cocte.data.max_prompt_len}"]
+    if fmt == "tool":
+        tool = tool_sft_config(d, cfg)
+        extra += [f"sampling.max_new_tokens={cfg.tool_new_tokens}", "data.prompt_format=tool",
+                  f"data.max_prompt_len={tool.data.max_prompt_len}"]
     if arm == "rewardsql":
         prm = d.path("checkpoints", "prm", "hf")
         extra += [o.replace("{prm}", str(prm)) for o in cfg.rewardsql_overrides]
@@ -372,6 +433,8 @@ def policies(cfg: StudyConfig) -> list[tuple[str, str, str]]:
     out = [("sft", "sft", "plain")]
     if cfg.needs_cocte:
         out.append(("cocte_sft", "cocte_sft", "cocte"))
+    if cfg.needs_tool:
+        out.append(("tool_sft", "tool_sft", "tool"))
     out += [(arm, f"arm_{arm}", ARMS[arm][1]) for arm in cfg.arms]
     return out
 
@@ -379,8 +442,9 @@ def policies(cfg: StudyConfig) -> list[tuple[str, str, str]]:
 def eval_args(d: demo.DemoDir, cfg: StudyConfig, folder: str, fmt: str, select: str, out: Path) -> list[str]:
     """The ``jaxsql eval`` command line of one policy and selector."""
     rl = demo.rl_run_config(d)
-    new_tokens = cfg.cocte_new_tokens if fmt == "cocte" else rl.sampling.max_new_tokens
-    prompt_len = cocte_sft_config(d, cfg).data.max_prompt_len if fmt == "cocte" else rl.data.max_prompt_len
+    new_tokens = {"cocte": cfg.cocte_new_tokens, "tool": cfg.tool_new_tokens}.get(fmt, rl.sampling.max_new_tokens)
+    prompt_len = (cocte_sft_config(d, cfg).data.max_prompt_len if fmt == "cocte" else
+                  tool_sft_config(d, cfg).data.max_prompt_len if fmt == "tool" else rl.data.max_prompt_len)
     args = ["eval", "--model", str(d.path("checkpoints", folder, "hf")),
             "--data", f"synthetic:{d.path('data')}:dev", "--select", select, "--prompt-format", fmt,
             "--max-new-tokens", str(new_tokens), "--max-prompt-len", str(prompt_len),
@@ -390,6 +454,8 @@ def eval_args(d: demo.DemoDir, cfg: StudyConfig, folder: str, fmt: str, select: 
         args += ["--n", str(cfg.num_samples)]
     if select.startswith("prm"):
         args += ["--prm", str(d.path("checkpoints", "prm", "hf"))]
+    if fmt == "tool":
+        args += ["--multi-turn"]
     return args
 
 
@@ -443,7 +509,7 @@ def report_rows(state: dict[str, Any], cfg: StudyConfig) -> list[dict[str, Any]]
     phases = state["phases"]
     rows = []
     for name, _, fmt in policies(cfg):
-        phase = {"sft": "base", "cocte_sft": "cocte_sft"}.get(name, f"arm_{name}")
+        phase = {"sft": "base", "cocte_sft": "cocte_sft", "tool_sft": "tool_sft"}.get(name, f"arm_{name}")
         for select in (s for s in cfg.selectors if applies(s, fmt)):
             per_seed = [phases.get(f"seed{s}/eval", {}).get("results", {}).get(name, {}).get(select, {})
                         for s in cfg.seeds]
@@ -457,7 +523,8 @@ def report_rows(state: dict[str, Any], cfg: StudyConfig) -> list[dict[str, Any]]
 def write_report(root: Path, state: dict[str, Any], cfg: StudyConfig, total_seconds: float) -> Path:
     """``study.md``: settings, the table (mean [min, max] over seeds, percent) and the plot."""
     rows = report_rows(state, cfg)
-    what = {"sft": "plain SQL SFT cold start", "cocte_sft": "CoCTE SFT cold start (Reward-SQL)"}
+    what = {"sft": "plain SQL SFT cold start", "cocte_sft": "CoCTE SFT cold start (Reward-SQL)",
+            "tool_sft": "multi-turn SFT cold start (tool traces from gold SQL)"}
     what.update({a: ARMS[a][3] for a in ARMS})
     lines = [
         "# jaxsql study: three methods on the synthetic benchmark",
@@ -520,6 +587,8 @@ def _seed_phases(cfg: StudyConfig) -> list[str]:
         phases += ["cocte_data", "cocte_sft"]
     if cfg.needs_prm:
         phases += ["prm_label", "prm_train"]
+    if cfg.needs_tool:
+        phases += ["tool_data", "tool_sft"]
     return phases + [f"arm_{a}" for a in cfg.arms] + ["eval"]
 
 
@@ -632,6 +701,10 @@ def _run_phase(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared:
             info = _cocte_data(d, pool)
         elif phase == "cocte_sft":
             info = _cocte_sft(d, cfg, writer, say, progress)
+        elif phase == "tool_data":
+            info = _tool_data(d, pool)
+        elif phase == "tool_sft":
+            info = _tool_sft(d, cfg, writer, say, progress)
         elif phase == "prm_label":
             info = _prm_label(d, cfg, pool, progress)
         elif phase == "prm_train":

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--out", default="./study_out", help="output directory (default ./study_out)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --smoke: 0)")
     p.add_argument("--arms", default=None,
-                   help="comma-separated arms (default all: answers, dense_group, dense_batch, dense_none, "
-                        "rewardsql)")
+                   help="comma-separated arms (default the three methods: answers, dense_group, dense_batch, "
+                        "dense_none, rewardsql; add multiturn for the multi-turn tool-use arm)")
     p.add_argument("--smoke", action="store_true", help="every phase for a few steps with a tiny model (CI)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or phase lines")
     p.set_defaults(func=_study)

@@ -116,6 +116,8 @@ def test_processes_share_one_study_directory(tmp_path):
 def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
     """Every phase of every arm on real components (sandbox, SFT, PRM labels and training, GRPO,
     `jaxsql eval`); stopped after the CoCTE cold start and resumed; a third run does nothing."""
+    from jaxsql.metrics import read_metrics
+
     cfg = study.smoke_config()
     out = tmp_path / "study"
     lines: list[str] = []
@@ -140,13 +142,20 @@ def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
     assert study.arm_config(seed_dir, cfg, "rewardsql").data.prompt_format == "cocte"
     assert study.arm_config(seed_dir, cfg, "dense_batch").data.prompt_format == "plain"
     assert study.arm_config(seed_dir, cfg, "dense_batch").algo.advantage == "batch"
+    # the multi-turn arm: the tool SFT start, GRPO on multi-turn rollouts, evaluated through the loop
+    multi = study.arm_config(seed_dir, cfg, "multiturn")
+    assert multi.rollout.mode == "multi_turn" and multi.data.prompt_format == "tool"
+    assert marker["phases"]["seed0/tool_data"]["written"] > 0
+    for name in ("tool_sft", "multiturn"):
+        m = json.loads((out / "seed0" / "eval" / name / "greedy" / "metrics.json").read_text())
+        assert "tool/used_share" in m["summary"] and m["config"]["multi_turn"]
+    assert not (out / "seed0" / "eval" / "multiturn" / "prm-best-of-n").exists()
+    assert any("tool/used_share" in r for r in read_metrics(out / "metrics.jsonl", "arm_multiturn"))
     assert not (out / "seed0" / "eval" / "answers" / "prm-best-of-n").exists()  # a plain-SQL policy
     assert (out / "seed0" / "eval" / "rewardsql" / "prm-best-of-n" / "metrics.json").is_file()
     table = (out / "study.md").read_text()
     assert all(f"| {a} |" in table for a in cfg.arms) and (out / "study.png").is_file()
     assert marker["phases"]["seed0/prm_train"]["step"] == 2
-    from jaxsql.metrics import read_metrics
-
     arm_rows = read_metrics(out / "metrics.jsonl", "arm_rewardsql")
     assert arm_rows and all("reward/process_mean" in r and "time/prm_s" in r for r in arm_rows)
     assert not any("reward/process_mean" in r for r in read_metrics(out / "metrics.jsonl", "arm_answers"))
