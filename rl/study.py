@@ -279,16 +279,31 @@ def _cocte_data(d: demo.DemoDir, pool) -> dict[str, Any]:
     return {"written": written, **report.to_json()}
 
 
-def cocte_sft_config(d: demo.DemoDir, cfg: StudyConfig, progress: bool = False):
-    """The CoCTE cold start: the demo's SFT recipe on ``sft.cocte.jsonl`` with ``prompt_format: cocte``."""
+def _start_sft_config(d: demo.DemoDir, name: str, fmt: str, data_file: str, overrides: Sequence[str],
+                      progress: bool):
+    """A cold start `name` in the prompt format `fmt`: the demo's SFT recipe, from the same random
+    decoder, on ``data/<data_file>``, with `overrides` after the demo's own."""
     from rl.config import SftConfig
 
     c = d.config
-    overrides = list(c.sft_overrides) + list(cfg.cocte_sft_overrides) + [f"progress={progress}"]
-    return demo._recipe_config(d, SftConfig, c.sft_recipe, overrides, {
-        "run_dir": d.path("checkpoints", "cocte_sft"), "model.path": d.path("checkpoints", "init"),
-        "model.tokenizer": d.path("tokenizer"), "data.path": d.path("data", "sft.cocte.jsonl"),
-        "data.prompt_format": "cocte", "seed": c.seed, "data.shuffle_seed": c.seed})
+    return demo._recipe_config(d, SftConfig, c.sft_recipe,
+                               list(c.sft_overrides) + list(overrides) + [f"progress={progress}"], {
+        "run_dir": d.path("checkpoints", name), "model.path": d.path("checkpoints", "init"),
+        "model.tokenizer": d.path("tokenizer"), "data.path": d.path("data", data_file),
+        "data.prompt_format": fmt, "seed": c.seed, "data.shuffle_seed": c.seed})
+
+
+def _start_sft(config, name: str, cfg: StudyConfig, writer, say) -> dict[str, Any]:
+    """Train (or resume) the cold start `config` as the study phase `name`."""
+    from rl.sft import SftTrainer
+
+    with SftTrainer(config, resume=demo._has_checkpoint(Path(config.run_dir))) as trainer:
+        return demo._train_phase(trainer, name, _deadline(cfg), cfg.minutes, writer, say)
+
+
+def cocte_sft_config(d: demo.DemoDir, cfg: StudyConfig, progress: bool = False):
+    """The CoCTE cold start: the demo's SFT recipe on ``sft.cocte.jsonl`` with ``prompt_format: cocte``."""
+    return _start_sft_config(d, "cocte_sft", "cocte", "sft.cocte.jsonl", cfg.cocte_sft_overrides, progress)
 
 
 def _tool_data(d: demo.DemoDir, pool) -> dict[str, Any]:
@@ -310,22 +325,7 @@ def _tool_data(d: demo.DemoDir, pool) -> dict[str, Any]:
 def tool_sft_config(d: demo.DemoDir, cfg: StudyConfig, progress: bool = False):
     """The multi-turn cold start: the demo's SFT recipe on ``sft.tool.jsonl`` with ``prompt_format:
     tool`` (observation tokens masked out of the loss)."""
-    from rl.config import SftConfig
-
-    c = d.config
-    overrides = list(c.sft_overrides) + list(cfg.tool_sft_overrides) + [f"progress={progress}"]
-    return demo._recipe_config(d, SftConfig, c.sft_recipe, overrides, {
-        "run_dir": d.path("checkpoints", "tool_sft"), "model.path": d.path("checkpoints", "init"),
-        "model.tokenizer": d.path("tokenizer"), "data.path": d.path("data", "sft.tool.jsonl"),
-        "data.prompt_format": "tool", "seed": c.seed, "data.shuffle_seed": c.seed})
-
-
-def _tool_sft(d: demo.DemoDir, cfg: StudyConfig, writer, say, progress: bool) -> dict[str, Any]:
-    from rl.sft import SftTrainer
-
-    config = tool_sft_config(d, cfg, progress)
-    with SftTrainer(config, resume=demo._has_checkpoint(Path(config.run_dir))) as trainer:
-        return demo._train_phase(trainer, "tool_sft", _deadline(cfg), cfg.minutes, writer, say)
+    return _start_sft_config(d, "tool_sft", "tool", "sft.tool.jsonl", cfg.tool_sft_overrides, progress)
 
 
 def _deadline(cfg: StudyConfig) -> float:
@@ -333,12 +333,6 @@ def _deadline(cfg: StudyConfig) -> float:
     return time.time() + 60.0 * cfg.minutes
 
 
-def _cocte_sft(d: demo.DemoDir, cfg: StudyConfig, writer, say, progress: bool) -> dict[str, Any]:
-    from rl.sft import SftTrainer
-
-    config = cocte_sft_config(d, cfg, progress)
-    with SftTrainer(config, resume=demo._has_checkpoint(Path(config.run_dir))) as trainer:
-        return demo._train_phase(trainer, "cocte_sft", _deadline(cfg), cfg.minutes, writer, say)
 
 
 def _prm_label(d: demo.DemoDir, cfg: StudyConfig, pool, progress: bool) -> dict[str, Any]:
@@ -700,11 +694,11 @@ def _run_phase(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared:
         if phase == "cocte_data":
             info = _cocte_data(d, pool)
         elif phase == "cocte_sft":
-            info = _cocte_sft(d, cfg, writer, say, progress)
+            info = _start_sft(cocte_sft_config(d, cfg, progress), "cocte_sft", cfg, writer, say)
         elif phase == "tool_data":
             info = _tool_data(d, pool)
         elif phase == "tool_sft":
-            info = _tool_sft(d, cfg, writer, say, progress)
+            info = _start_sft(tool_sft_config(d, cfg, progress), "tool_sft", cfg, writer, say)
         elif phase == "prm_label":
             info = _prm_label(d, cfg, pool, progress)
         elif phase == "prm_train":
