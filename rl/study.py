@@ -128,7 +128,7 @@ class StudyConfig:
     rewardsql_overrides: tuple[str, ...] = (
         "reward.weights={execution: 1.0, process: 1.0}", "reward.process.prm={prm}",
         "reward.process.form=step", "reward.process.advantage=rewardsql", "reward.process.max_len=512")
-    tool_sft_overrides: tuple[str, ...] = ("data.max_target_len=200", "data.max_prompt_len=320")
+    tool_sft_overrides: tuple[str, ...] = ("data.max_target_len=200", "data.max_prompt_len=384")
     tool_new_tokens: int = 200
     eval_batch: int = 100
     minutes: float = 600.0
@@ -199,7 +199,7 @@ def smoke_config(seeds: tuple[int, ...] = (0,)) -> StudyConfig:
         cocte_sft_overrides=("data.max_target_len=24", "data.max_prompt_len=200"), cocte_new_tokens=24,
         label_questions=4, label_k=2, label_trajectories=2,
         prm_overrides=("steps=2", "eval_every=1", "data.batch_size=2", "prm.max_len=256"),
-        arms=tuple(ARMS), tool_sft_overrides=("data.max_target_len=64", "data.max_prompt_len=320"),
+        arms=tuple(ARMS), tool_sft_overrides=("data.max_target_len=64", "data.max_prompt_len=448"),
         tool_new_tokens=48, minutes=30.0)
 
 
