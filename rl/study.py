@@ -117,7 +117,7 @@ class StudyConfig:
     sft_examples: int = 2000
     rl_n_questions: int = 2000
     model: tuple[int, ...] = (192, 3, 4, 2, 576, 512)
-    sft_overrides: tuple[str, ...] = ()
+    sft_overrides: tuple[str, ...] = ("steps=300",)
     rl_overrides: tuple[str, ...] = ("steps=80",)
     cocte_sft_overrides: tuple[str, ...] = ("data.max_target_len=96", "data.max_prompt_len=200")
     cocte_new_tokens: int = 96
