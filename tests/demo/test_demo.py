@@ -92,9 +92,9 @@ def demo_run(tmp_path_factory):
     real_score = jaxsql.rewards.score_batch
     real_write = MetricsWriter.write
 
-    def spy_score(pool, completions, examples, config):
+    def spy_score(pool, completions, examples, config, **kw):  # kw: sqls / episodes of multi-turn draws
         calls.append(list(examples))
-        return real_score(pool, completions, examples, config)
+        return real_score(pool, completions, examples, config, **kw)
 
     def dying_write(self, step, metrics, phase=None):
         real_write(self, step, metrics, phase=phase)
