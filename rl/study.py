@@ -231,20 +231,22 @@ class StudyDir(demo.DemoDir):
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def refresh(self) -> None:
-        """Re-read the phases other processes have recorded since this one read the marker."""
+    def _reload_phases(self) -> None:
+        """Take the phases as the marker on disk holds them now (call under `locked`)."""
         from jaxsql.config import read_saved_settings
 
+        self.state["phases"] = read_saved_settings(self.marker, f"{self.KIND} marker").get("phases", {})
+
+    def refresh(self) -> None:
+        """Re-read the phases other processes have recorded since this one read the marker."""
         with self.locked():
-            self.state["phases"] = read_saved_settings(self.marker, f"{self.KIND} marker").get("phases", {})
+            self._reload_phases()
 
     def record(self, phase: str, **info: Any) -> None:
         """Mark `phase` complete, merged into the marker as it is on disk now (other processes
         may have recorded their seeds' phases since this one read it)."""
-        from jaxsql.config import read_saved_settings
-
         with self.locked():
-            self.state["phases"] = read_saved_settings(self.marker, f"{self.KIND} marker").get("phases", {})
+            self._reload_phases()
             self.state["phases"][phase] = dict(info, done=True)
             self._save()
 
