@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from data.records import Example
 from jaxsql.config import changed_settings, read_saved_settings, require
 from jaxsql.errors import JaxsqlError
-from jaxsql.paths import AnyPath, LineAppender, as_path, whole_lines
+from jaxsql.paths import AnyPath, LineAppender, as_path, is_remote, whole_lines
 from rl.prm import LabelRecord, StepLabel, record_from_json
 
 #: ``sample(prompt_ids, prefixes, n, seed) -> texts``: n continuations of each prompt + prefix text.
@@ -179,21 +180,48 @@ def _meta_path(out: AnyPath) -> AnyPath:
     return out.parent / (out.name + ".meta.json")
 
 
-def _done_ids(out: AnyPath) -> set[str]:
-    """Example ids already in the label file; a last line cut off mid-write is dropped."""
+def _labelled(out: AnyPath) -> list[tuple[tuple[str, int], bytes]]:
+    """The ``((example id, sample), line)`` of every record in the label file; a last line cut
+    off mid-write is dropped."""
     data = whole_lines(out)
-    done = set()
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    found = []
+    for lineno, line in enumerate(data.splitlines(keepends=True), 1):
         if line.strip():
             try:
-                done.add(record_from_json(json.loads(line), f"{out}:{lineno}").example.id)
+                r = record_from_json(json.loads(line), f"{out}:{lineno}")
             except json.JSONDecodeError as e:
                 raise JaxsqlError(f"{out}:{lineno}: invalid JSON ({e.msg}); not a label file to resume") from None
-    return done
+            except UnicodeDecodeError:
+                raise JaxsqlError(f"{out}:{lineno}: not UTF-8; not a label file to resume") from None
+            found.append(((r.example.id, r.sample), line))
+    return found
 
 
-def open_label_run(out: str | Path, meta: dict[str, Any]) -> set[str]:
-    """Check (or write) ``OUT.meta.json`` and return the example ids already labelled.
+def _drop_unfinished(out: AnyPath, found: list[tuple[tuple[str, int], bytes]],
+                     batches: Sequence[Sequence[Example]], trajectories: int) -> set[tuple[str, int]]:
+    """The (id, sample) pairs of the batches whose records are all in the file. Records of a
+    batch that is only partly there (a kill inside a batch's append on local disk) are cut
+    from the file, so that batch is labelled again, whole, with its own seed."""
+    have = {key for key, _ in found}
+    partial = set()
+    for batch in batches:
+        keys = {(e.id, j) for e in batch for j in range(trajectories)}
+        if keys & have and not keys <= have:
+            partial |= keys
+    if partial:
+        kept = b"".join(line for key, line in found if key not in partial)
+        if is_remote(out):
+            out.write_bytes(kept)
+        else:
+            tmp = Path(str(out) + ".tmp")
+            tmp.write_bytes(kept)
+            os.replace(tmp, out)
+    return have - partial
+
+
+def open_label_run(out: str | Path, meta: dict[str, Any]) -> list[tuple[tuple[str, int], bytes]]:
+    """Check (or write) ``OUT.meta.json`` and return the records already labelled, as
+    ``((example id, sample), line)``.
 
     A label file written with other settings, or a file that is not a label
     file, is refused with one clear error (nothing is overwritten).
@@ -207,13 +235,13 @@ def open_label_run(out: str | Path, meta: dict[str, Any]) -> set[str]:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in diff)
             raise JaxsqlError(f"{out} was labelled with other settings ({changes}); choose another --out "
                               f"to start over")
-        return _done_ids(out)
+        return _labelled(out)
     if out.exists() and out.read_bytes():
         raise JaxsqlError(f"{out} exists and has no {meta_path.name}; it is not a label run to resume")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     out.write_text("")
-    return set()
+    return []
 
 
 def run_labeling(examples: Sequence[Example], out: str | Path, *, pool: Any,
@@ -225,11 +253,13 @@ def run_labeling(examples: Sequence[Example], out: str | Path, *, pool: Any,
     from tqdm import tqdm
 
     out = as_path(out)
-    done = open_label_run(out, {**meta, **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()}})
-    appender = LineAppender(out)  # durable per batch; in a bucket the object is rewritten whole
+    found = open_label_run(out, {**meta, **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()}})
     bs = settings.batch_size
     batches = [list(examples[s:s + bs]) for s in range(0, len(examples), bs)]
-    todo = [(b, batch) for b, batch in enumerate(batches) if not all(e.id in done for e in batch)]
+    done = _drop_unfinished(out, found, batches, settings.trajectories)
+    appender = LineAppender(out)  # durable per batch; in a bucket the object is rewritten whole
+    todo = [(b, batch) for b, batch in enumerate(batches)
+            if not all((e.id, j) in done for e in batch for j in range(settings.trajectories))]
     stats = {"examples": len(examples), "resumed_batches": len(batches) - len(todo), "records": 0, "steps": 0,
              "positive_steps": 0}
     bar = tqdm(total=len(examples), initial=sum(len(b) for b in batches) - sum(len(b) for _, b in todo),

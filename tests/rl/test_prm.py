@@ -226,6 +226,17 @@ def test_labeling_resumes_exactly_and_refuses_other_settings(people_db, tmp_path
         assert again["resumed_batches"] == 1 and again["records"] == 6
         assert part.read_text() == whole.read_text()
 
+        # a kill inside the last batch's append left three of its four records (and a cut fourth):
+        # that batch is labelled again whole, not counted as done because its ids are all there
+        lines = whole.read_text().splitlines(keepends=True)
+        cut = tmp_path / "cut.jsonl"
+        (tmp_path / "cut.jsonl.meta.json").write_text((tmp_path / "whole.jsonl.meta.json").read_text())
+        cut.write_text("".join(lines[:7]) + lines[7][:20])
+        redo = run_labeling(exs[:4], cut, pool=pool, prompt_ids=lambda e: [1], sample=_seeded_sampler,
+                            settings=settings, meta=meta, progress=False)
+        assert redo["resumed_batches"] == 1 and redo["records"] == 4
+        assert cut.read_text() == "".join(lines[:8])
+
         with pytest.raises(JaxsqlError, match=r"settings.k: 2 -> 3"):
             run_labeling(exs, part, pool=pool, prompt_ids=lambda e: [1], sample=_seeded_sampler,
                          settings=LabelSettings(k=3, trajectories=2, batch_size=2, seed=3), meta=meta, progress=False)
