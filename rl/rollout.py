@@ -11,6 +11,7 @@ tokens travel to the host for detokenisation and SQL execution.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from functools import partial
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ class PromptEncoder:
         self.sample_values = sample_values
         self._schemas: dict[str, str] = {}
         self._ids: dict[str, list[int]] = {}
+        self.truncated = 0  # prompts cut to their last max_prompt_len tokens so far
 
     def schema(self, db_path: str) -> str:
         """Serialised schema of a database (once per database)."""
@@ -55,10 +57,19 @@ class PromptEncoder:
         return render_prompt(ex, self.schema(ex.db_path), self.prompt_format, self.tokenizer)
 
     def __call__(self, ex: Example) -> list[int]:
-        """Prompt ids; an over-long prompt keeps its last `max_prompt_len` tokens (the question)."""
+        """Prompt ids; an over-long prompt keeps its last `max_prompt_len` tokens (the question),
+        is counted in `truncated`, and the first one warns (its start, the instructions and
+        the schema's first tables, is lost)."""
         key = f"{ex.id}\x00{ex.db_path}"
         if key not in self._ids:
             ids = self.tokenizer(self.text(ex), add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_prompt_len:
+                self.truncated += 1
+                if self.truncated == 1:
+                    warnings.warn(f"prompt of example {ex.id!r} is {len(ids)} tokens, over max_prompt_len="
+                                  f"{self.max_prompt_len}: it keeps its last {self.max_prompt_len} and loses "
+                                  f"its start (raise data.max_prompt_len; later prompts are counted, not "
+                                  f"reported)", stacklevel=2)
             self._ids[key] = list(ids[-self.max_prompt_len:])
         return self._ids[key]
 
