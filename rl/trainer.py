@@ -89,6 +89,18 @@ def _watch(arrays) -> cf.Future:
     return fut
 
 
+def _drawn(rows, score, texts, rewards, groups: int, lengths, t_rollout: float, scored: _Timed, dev_span,
+           *, steps=None, prm: dict[str, Any] | None = None, **extra) -> dict[str, Any]:
+    """One draw's result as `GrpoTrainer.step` reads it: the rows (device log-probs
+    attached), host scores and rewards, `groups` prompt groups, completion `lengths`, the
+    rollout time, the reward thread's and device's spans, process-reward step scores and
+    the PRM's timings (`prm`, None without process rewards), plus mode-specific `extra`."""
+    return {"rows": rows, "score": score, "texts": texts, "rewards": rewards, "steps": steps, "groups": groups,
+            "lengths": lengths, "t_rollout": t_rollout, "reward_span": (scored.start, scored.end),
+            "device_span": dev_span, "prm_span": prm["span"] if prm else None,
+            "prm_hidden": prm["hidden"] if prm else 0.0, **extra}
+
+
 def _is_count(key: str) -> bool:
     """`jaxsql.tools.episode_metrics` keys that are counts (summed over draws), not shares."""
     return key in ("tool/episodes", "tool/calls", "tool/errors") or key.startswith("tool/end/")
@@ -162,14 +174,7 @@ class GrpoTrainer(BaseTrainer):
         tokens, lengths = distributed.local_rows(ro.tokens_NC), distributed.local_rows(ro.lengths_N)
         t_rollout = time.perf_counter() - t0
         # Device work that does not need rewards goes first (async dispatch) ...
-        device = {}
-        if self.ref_params is not None:
-            device["ref_logp"] = completion_logprobs(self.ref_params, ro.rows, self.model_cfg,
-                                                     c.sampling.temperature)[0]
-        if c.algo.num_iterations > 1:
-            device["old_logp"] = completion_logprobs(params, ro.rows, self.model_cfg,
-                                                     c.sampling.temperature)[0]
-        watch = _watch(device) if device else None
+        device, watch = self._dispatch_logprobs(params, ro.rows)
         # ... then the host detokenises and the pool executes SQL while the device works.
         texts = decode_completions(self.tokenizer, tokens, lengths, self.stop_ids)
         fut = self._executor.submit(_Timed, self._host_work, texts, ro.examples)
@@ -188,11 +193,9 @@ class GrpoTrainer(BaseTrainer):
             if self.process.form == "trajectory":
                 rewards = trajectory_rewards(score.rewards, steps, self.rewards.process_weight,
                                              self.process.aggregation)
-        return {"rows": ro.rows.replace(**device), "score": score, "texts": texts, "rewards": rewards,
-                "steps": steps, "groups": len(score.rewards) // c.sampling.num_generations,
-                "lengths": lengths, "t_rollout": t_rollout, "reward_span": (scored.start, scored.end),
-                "device_span": dev_span, "prm_span": prm["span"] if prm else None,
-                "prm_hidden": prm["hidden"] if prm else 0.0}
+        groups = len(score.rewards) // c.sampling.num_generations
+        return _drawn(ro.rows.replace(**device), score, texts, rewards, groups, lengths, t_rollout, scored,
+                      dev_span, steps=steps, prm=prm)
 
     def _draw_multi_turn(self, key, batch) -> dict[str, Any]:
         """One draw of multi-turn episodes (`rl.multiturn.multi_turn_rollout`): the sampler
@@ -217,13 +220,7 @@ class GrpoTrainer(BaseTrainer):
         host = multi_turn_batch(mt, prompts, G, self.pad_id, width=c.sampling.max_new_tokens)
         rows = host.replace(**{k: self.update_step.global_rows(v) for k, v in batch_fields(host).items()})
         t_rollout = time.perf_counter() - t0
-        device = {}
-        if self.ref_params is not None:
-            device["ref_logp"] = completion_logprobs(self.ref_params, rows, self.model_cfg,
-                                                     c.sampling.temperature)[0]
-        if c.algo.num_iterations > 1:
-            device["old_logp"] = completion_logprobs(params, rows, self.model_cfg, c.sampling.temperature)[0]
-        watch = _watch(device) if device else None
+        device, watch = self._dispatch_logprobs(params, rows)
         examples = [ex for ex in batch for _ in range(G)]
         texts = [e.text for e in mt.episodes]
         scored = self._executor.submit(_Timed, self._score, texts, examples, list(mt.final_sql),
@@ -235,11 +232,21 @@ class GrpoTrainer(BaseTrainer):
         tool = episode_metrics(mt.episodes)
         tool["tool/observation_share"] = 1.0 - sampled / max(float(lengths.sum()), 1.0)
         tool["tool/sampled_tokens_mean"] = sampled / len(lengths)
-        return {"rows": rows.replace(**device), "score": score, "texts": texts, "rewards": score.rewards,
-                "steps": None, "groups": len(batch), "lengths": lengths, "t_rollout": t_rollout,
-                "reward_span": (scored.start, scored.end), "device_span": dev_span, "prm_span": None,
-                "prm_hidden": 0.0, "tool": tool,
-                "rollout_stats": {k: float(v) for k, v in mt.stats.items()}}
+        return _drawn(rows.replace(**device), score, texts, score.rewards, len(batch), lengths, t_rollout, scored,
+                      dev_span, tool=tool, rollout_stats={k: float(v) for k, v in mt.stats.items()})
+
+    def _dispatch_logprobs(self, params, rows) -> tuple[dict[str, Any], Any]:
+        """Dispatch (async) the device log-probs that do not need rewards: the reference
+        policy's with a KL term, the sampling policy's for mu > 1 updates. Returns them by
+        `Batch` field and a future of their device span (None when there are none)."""
+        c = self.config
+        device = {}
+        if self.ref_params is not None:
+            device["ref_logp"] = completion_logprobs(self.ref_params, rows, self.model_cfg,
+                                                     c.sampling.temperature)[0]
+        if c.algo.num_iterations > 1:
+            device["old_logp"] = completion_logprobs(params, rows, self.model_cfg, c.sampling.temperature)[0]
+        return device, (_watch(device) if device else None)
 
     def _host_work(self, texts, examples):
         """The rewards thread's task: (outcome `ScoreBatch`, executed CoCTE trajectories, PRM
