@@ -208,6 +208,37 @@ def step_scores(params: Params, cfg: ModelConfig, head: str, candidates: tuple[i
 score_steps = jax.jit(step_scores, static_argnums=(1, 2, 3))
 
 
+def grouped_step_scores(params: Params, cfg: ModelConfig, head: str, candidates: tuple[int, int],
+                        prompt_NP: jax.Array, prompt_mask_NP: jax.Array, rest_BR: jax.Array,
+                        rest_mask_BR: jax.Array, positions_BK: jax.Array) -> jax.Array:
+    """`step_scores` of B = N x G rows whose first tokens are one of N prompts, each prompt
+    run once (GRPO's G samples share their prompt, and the prompt is most of a PRM row).
+
+    Row b is prompt ``b // G`` (left-padded, ``prompt_mask_NP`` marks real tokens) followed
+    by ``rest_BR[b]`` (right-padded): the prompts fill a KV cache, repeated G times, that the
+    rest attends to, as `rl.policy.grouped_logprobs_and_entropy` does for the policy.
+    `positions_BK` index `rest_BR` (every step tag follows the prompt); < 0 gives 0. Same
+    values as `step_scores` on the whole rows up to float summation order.
+    """
+    N, P = prompt_NP.shape
+    B, R = rest_BR.shape
+    pm = prompt_mask_NP.astype(jnp.bool_)
+    _, cache = hidden_states(params, prompt_NP, positions_from_mask(pm), cfg, mask_BT=pm, fill_cache=P + R,
+                             last_only=True)
+    cache = cache.repeat_rows(B // N)
+    start_B = jnp.repeat(pm.sum(axis=1, dtype=jnp.int32), B // N)
+    positions_BR = start_B[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
+    h_BRD, _ = hidden_states(params, rest_BR, positions_BR, cfg, mask_BT=rest_mask_BR.astype(jnp.bool_), cache=cache)
+    valid_BK = positions_BK >= 0
+    h_BKD = jnp.take_along_axis(h_BRD, jnp.clip(positions_BK, 0, R - 1)[..., None], axis=1)
+    z = jnp.where(valid_BK, _head_logits(params, cfg, head, candidates, h_BKD), 0.0)
+    return jnp.where(valid_BK, jax.nn.sigmoid(z), 0.0)
+
+
+#: `grouped_step_scores` under jit (cfg, head and candidates static).
+score_steps_grouped = jax.jit(grouped_step_scores, static_argnums=(1, 2, 3))
+
+
 # --- HF config.json of a head ------------------------------------------------------------------
 
 

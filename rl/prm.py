@@ -180,6 +180,11 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def _steps_bucket(k: int, min_steps: int = 4) -> int:
+    """K steps rounded up to a power of two, at least `min_steps` (few shapes compile)."""
+    return max(min_steps, 1 << max(0, k - 1).bit_length())
+
+
 def assemble(rows: Sequence[PrmRow], labels: Sequence[Sequence[float]] | None = None, *, pad_id: int,
              length_multiple: int = 64, min_steps: int = 4) -> PrmBatch:
     """Right-pad rows into a `PrmBatch` of numpy arrays.
@@ -193,7 +198,7 @@ def assemble(rows: Sequence[PrmRow], labels: Sequence[Sequence[float]] | None = 
     if not rows:
         raise JaxsqlError("assemble: no rows")
     T = _round_up(max(len(r.tokens) for r in rows), length_multiple)
-    K = max(min_steps, 1 << max(0, max(len(r.positions) for r in rows) - 1).bit_length())
+    K = _steps_bucket(max(len(r.positions) for r in rows), min_steps)
     B = len(rows)
     tokens = np.full((B, T), pad_id, np.int32)
     mask = np.zeros((B, T), np.int32)
@@ -211,6 +216,49 @@ def assemble(rows: Sequence[PrmRow], labels: Sequence[Sequence[float]] | None = 
             lab[i, :n] = np.asarray(labels[i][:n], np.float32)
             weights[i, :n] = 1.0
     return PrmBatch(tokens, mask, positions, lab, weights)
+
+
+def rows_share_prompts(rows: Sequence[PrmRow], prompts: Sequence[Sequence[int]], group: int) -> bool:
+    """Whether `rows` are consecutive groups of `group` rows that each start with one prompt
+    (`prompts[b]`, given per row) and have every step tag after it, as a GRPO draw's rows
+    do; then `assemble_grouped` can lay them out with each prompt once."""
+    if group < 1 or not rows or len(prompts) != len(rows) or len(rows) % group:
+        return False
+    for b, (row, p) in enumerate(zip(rows, prompts)):
+        if p != prompts[b - b % group] or row.tokens[:len(p)] != tuple(p) or any(x < len(p) for x in row.positions):
+            return False
+    return True
+
+
+def assemble_grouped(rows: Sequence[PrmRow], prompts: Sequence[Sequence[int]], group: int, *, pad_id: int,
+                     prompt_len: int, rest_len: int, steps: int, length_multiple: int = 64
+                     ) -> tuple[np.ndarray, ...]:
+    """The arrays of `models.prm.grouped_step_scores` for rows that share prompts in groups
+    (`rows_share_prompts`):
+    ``prompt_NP, prompt_mask_NP`` (each group's prompt once, left-padded),
+    ``rest_BR, rest_mask_BR`` (each row after its prompt, right-padded) and ``positions_BK``
+    (step-tag positions in the rest, -1 past a row's steps). P and R are at least
+    `prompt_len` and `rest_len` rounded up to `length_multiple`, K at least `steps` rounded
+    up as `assemble` does (the sizes may be the largest over processes)."""
+    N = len(rows) // group
+    prompt_len, rest_len = _round_up(prompt_len, length_multiple), _round_up(rest_len, length_multiple)
+    steps = _steps_bucket(steps)
+    prompt = np.full((N, prompt_len), pad_id, np.int32)
+    prompt_mask = np.zeros((N, prompt_len), np.int32)
+    rest = np.full((len(rows), rest_len), pad_id, np.int32)
+    rest_mask = np.zeros((len(rows), rest_len), np.int32)
+    positions = np.full((len(rows), steps), -1, np.int32)
+    for n in range(N):
+        p = prompts[n * group]
+        if p:
+            prompt[n, -len(p):] = p
+            prompt_mask[n, -len(p):] = 1
+    for b, (row, p) in enumerate(zip(rows, prompts)):
+        r = row.tokens[len(p):]
+        rest[b, :len(r)] = r
+        rest_mask[b, :len(r)] = 1
+        positions[b, :len(row.positions)] = [x - len(p) for x in row.positions]
+    return prompt, prompt_mask, rest, rest_mask, positions
 
 
 # --- label files ---------------------------------------------------------------------------

@@ -291,21 +291,25 @@ class PrmScorer:
         pad = prm.tokenizer.pad_token_id
         self.pad_id = 0 if pad is None else int(pad)
 
-    def dispatch(self, rows: Sequence[Any]) -> jax.Array:
-        """[rows of all processes, K] scores (a device array still being computed)."""
+    def dispatch(self, rows: Sequence[Any], prompts: Sequence[Sequence[int]] | None = None,
+                 group: int = 1) -> jax.Array:
+        """[rows of all processes, K] scores (a device array still being computed).
+
+        With `prompts` (each row's prompt ids) and `group` G > 1, rows that come in
+        consecutive groups of G sharing a prompt (a GRPO draw's) run each prompt once
+        (`models.prm.grouped_step_scores`); the prompt is most of a PRM row, so this
+        divides the PRM's work by up to G. Otherwise, or when any process's rows are not
+        so grouped, every row runs whole (`models.prm.step_scores`).
+        """
         from jaxsql import distributed
-        from models.prm import score_steps
-        from rl.prm import PrmRow, assemble
+        from models.prm import score_steps, score_steps_grouped
+        from rl.prm import PrmRow, assemble, assemble_grouped, rows_share_prompts
         from rl.train_step import batch_sharding
 
-        T = max((len(r.tokens) for r in rows), default=1)
-        K = max((len(r.positions) for r in rows), default=1)
-        if distributed.process_count() > 1:
-            T, K = (int(x) for x in distributed.process_values(np.asarray([T, K], np.int64)).max(axis=0))
-        # a first row of length T with K dummy positions pins both padded sizes
-        pin = PrmRow(tuple([self.pad_id] * T), tuple(range(K)))
-        b = assemble([pin, *rows], pad_id=self.pad_id)
-        tokens, mask, positions = (np.asarray(x)[1:] for x in (b.tokens, b.mask, b.positions))
+        def agreed(*values: int) -> tuple[int, ...]:  # the largest over processes
+            if distributed.process_count() > 1:
+                values = tuple(int(x) for x in distributed.process_values(np.asarray(values, np.int64)).max(axis=0))
+            return tuple(values)
 
         def put(x):
             n = x.shape[0] * distributed.process_count()
@@ -314,6 +318,22 @@ class PrmScorer:
         from models.attention import on_mesh_of
 
         p = self.prm
+        grouped = group > 1 and prompts is not None and rows_share_prompts(rows, prompts, group)
+        if agreed(0 if grouped else 1)[0] == 0:  # every process's rows are grouped
+            plen = [len(q) for q in prompts]
+            P, R, K = agreed(max(plen), max(len(r.tokens) - n for r, n in zip(rows, plen)),
+                             max((len(r.positions) for r in rows), default=1))
+            arrays = assemble_grouped(rows, prompts, group, pad_id=self.pad_id, prompt_len=P, rest_len=R, steps=K)
+            with on_mesh_of(p.params):
+                return score_steps_grouped(p.params, p.model_config, p.config.head, p.candidates,
+                                           *(put(x) for x in arrays))
+        T = max((len(r.tokens) for r in rows), default=1)
+        K = max((len(r.positions) for r in rows), default=1)
+        T, K = agreed(T, K)
+        # a first row of length T with K dummy positions pins both padded sizes
+        pin = PrmRow(tuple([self.pad_id] * T), tuple(range(K)))
+        b = assemble([pin, *rows], pad_id=self.pad_id)
+        tokens, mask, positions = (np.asarray(x)[1:] for x in (b.tokens, b.mask, b.positions))
         tokens, mask, positions = put(tokens), put(mask), put(positions)
         with on_mesh_of(p.params):  # the trainer's mesh: `auto` places splash per chip, as in the update
             return score_steps(p.params, p.model_config, p.config.head, p.candidates, tokens, mask, positions)

@@ -180,7 +180,7 @@ class GrpoTrainer(BaseTrainer):
         fut = self._executor.submit(_Timed, self._host_work, texts, ro.examples)
         scored = fut.result()
         local_score, trajs, prm_rows = scored.value
-        prm = self._process_scores(prm_rows, trajs, tokens, lengths, texts) if self.prm_scorer else None
+        prm = self._process_scores(prm_rows, trajs, tokens, lengths, texts, ro.examples) if self.prm_scorer else None
         dev_span = watch.result() if watch else None
         # every process gets every process's scores (global order): advantages, DAPO's
         # choices and the logged metrics are then what one process computes
@@ -271,11 +271,13 @@ class GrpoTrainer(BaseTrainer):
 
         return score_batch(self.pool, texts, examples, self.rewards, sqls=sqls, episodes=episodes)
 
-    def _process_scores(self, rows, trajs, tokens, lengths, texts) -> dict[str, Any]:
-        """Dispatch the PRM on this process's rows, place the steps on the completion tokens
-        while it runs, then gather both over processes (global row order)."""
+    def _process_scores(self, rows, trajs, tokens, lengths, texts, examples) -> dict[str, Any]:
+        """Dispatch the PRM on this process's rows (each prompt once per group of G), place
+        the steps on the completion tokens while it runs, then gather both over processes
+        (global row order)."""
         t0 = time.perf_counter()
-        scores_dev = self.prm_scorer.dispatch(rows)
+        scores_dev = self.prm_scorer.dispatch(rows, [self.encoder(ex) for ex in examples],
+                                              self.config.sampling.num_generations)
         ready = _watch(scores_dev)
         h0 = time.perf_counter()
         ends = completion_step_ends(self.tokenizer, tokens, lengths, self.stop_ids, texts,

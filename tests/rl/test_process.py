@@ -270,3 +270,51 @@ def test_prm_step_scores_run_splash_under_the_trainer_mesh(tiny_env, monkeypatch
             out[name] = np.asarray(scorer.dispatch(rows))
     assert placed and all(m == dict(mesh.shape) for m in placed)
     np.testing.assert_allclose(out["splash"], out["xla"], atol=1e-5)
+
+
+def test_grouped_prm_scores_equal_whole_rows(tiny_env):
+    """A GRPO draw's PRM rows run each prompt once (`PrmScorer.dispatch` with prompts and G):
+    the scores equal the whole rows' (`models.prm.step_scores`) for ragged prompts, rests and
+    step counts, on one device and with rows over a 2-device data axis; rows that are not
+    groups of G sharing a prompt are scored whole."""
+    import jax
+
+    from jaxsql.sharding import ShardingRules, make_mesh
+    from models.prm import load_prm, score_steps
+    from rl.prm import PrmRow, assemble, assemble_grouped, rows_share_prompts
+    from rl.process import PrmScorer
+
+    rng = np.random.default_rng(1)
+    prompts3 = [tuple(int(t) for t in rng.integers(3, 200, n)) for n in (7, 12, 4)]
+
+    def rows_for(G):
+        rows, prompts = [], []
+        for p in prompts3:
+            for _ in range(G):
+                rest = tuple(int(t) for t in rng.integers(3, 200, int(rng.integers(0, 9))))
+                tags = tuple(sorted(len(p) + int(x) for x in rng.choice(len(rest), min(len(rest), 3), replace=False)))
+                rows.append(PrmRow(p + rest, tags))
+                prompts.append(list(p))
+        return rows, prompts
+
+    for mesh in (make_mesh(1, 1, 1, devices=jax.devices()[:1]), make_mesh(2, 1, 1, devices=jax.devices()[:2])):
+        prm = load_prm(tiny_env["model"], mesh=mesh, rules=ShardingRules())
+        scorer = PrmScorer(prm, mesh, ShardingRules())
+        for G in (2, 3):
+            rows, prompts = rows_for(G)
+            assert rows_share_prompts(rows, prompts, G) and not rows_share_prompts(rows, prompts, G + 1)
+            b = assemble(rows, pad_id=0)
+            whole = np.asarray(score_steps(prm.params, prm.model_config, prm.config.head, prm.candidates,
+                                           b.tokens, b.mask, b.positions))
+            grouped = np.asarray(scorer.dispatch(rows, prompts, G))
+            K = max(len(r.positions) for r in rows)
+            np.testing.assert_allclose(grouped[:, :K], whole[:, :K], atol=2e-6)
+            assert np.all(grouped[:, K:] == 0) and np.all(grouped[b.positions[:, :grouped.shape[1]] < 0] == 0)
+            # the grouped layout holds each prompt once
+            arrays = assemble_grouped(rows, prompts, G, pad_id=0, prompt_len=12, rest_len=8, steps=3)
+            assert arrays[0].shape[0] == 3 and arrays[2].shape[0] == 3 * G
+            # not groups of G: one prompt differs inside a group -> scored whole, same values
+            bad = list(prompts)
+            bad[1] = bad[1][:-1]
+            assert not rows_share_prompts(rows, bad, G)
+            np.testing.assert_allclose(np.asarray(scorer.dispatch(rows, bad, G))[:, :K], whole[:, :K], atol=2e-6)
