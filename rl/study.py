@@ -384,7 +384,7 @@ def _prm_train(d: demo.DemoDir, cfg: StudyConfig, writer, say, progress: bool) -
     with PrmTrainer(config, resume=demo._has_checkpoint(Path(config.run_dir))) as trainer:
         t0 = time.time()
         out = trainer.run()
-    if out.get("stopped_by_signal"):
+    if out["stopped"]:
         raise demo._Interrupted(f"prm_train stopped by a signal after step {out['step']} (checkpoint saved); "
                                 f"rerun the same command to continue")
     return {**summary(out), "train_seconds": round(time.time() - t0, 1)}

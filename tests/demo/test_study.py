@@ -55,6 +55,31 @@ def test_report_cells_are_mean_and_range_over_seeds(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 1000
 
 
+def test_a_signal_during_prm_training_stops_the_study_not_the_phase(tmp_path, monkeypatch):
+    """A SIGTERM / Ctrl-C inside the PRM's training saves its checkpoint and ends the study
+    (the phase is not recorded as done); it used to read a key the trainer does not return,
+    so a PRM stopped after 2 of 50 steps was recorded as trained and the study went on."""
+    from rl import demo, prm_train
+
+    class Stopped:
+        def __init__(self, config, resume):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self):
+            return {"step": 2, "stopped": True, "history": [], "eval": []}
+
+    monkeypatch.setattr(prm_train, "PrmTrainer", Stopped)
+    monkeypatch.setattr(study, "prm_train_config", lambda d, cfg, progress: type("C", (), {"run_dir": tmp_path})())
+    with pytest.raises(demo._Interrupted, match="prm_train stopped by a signal after step 2"):
+        study._prm_train(None, study.smoke_config(), None, None, False)
+
+
 def _finished_phases(cfg) -> dict:
     """Marker records of every phase of every seed of `cfg`, with eval results."""
     r = {"ex_set": 0.25, "ex_bag": 0.25, "error_rate": 0.5, "qatch": 0.4}
