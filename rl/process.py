@@ -9,8 +9,9 @@ the outcome reward. The run config names it ``weights.process: lambda`` with a
    split into steps and each step's prefix query runs on the SQL pool
    (`jaxsql.cocte.execute_completions`); the PRM rows (prompt, steps with
    their rendered results, step tags) are tokenized (`rl.prm_score.encode_rows`);
-2. device: the PRM's step scores (`PrmScorer.dispatch`: `models.prm.step_scores`
-   jitted, its parameters and rows on the trainer's mesh and rules) are
+2. device: the PRM's step scores (`PrmScorer.dispatch`: `models.prm.grouped_step_scores`
+   jitted, each prompt once per group of G; its parameters and rows on the trainer's
+   mesh and rules) are
    dispatched asynchronously; meanwhile the host maps each step to the
    policy's completion tokens (`step_token_ends`);
 3. host: the scores come back and become rewards:
