@@ -244,10 +244,28 @@ class StudyDir(demo.DemoDir):
 
     def record(self, phase: str, **info: Any) -> None:
         """Mark `phase` complete, merged into the marker as it is on disk now (other processes
-        may have recorded their seeds' phases since this one read it)."""
+        may have recorded their seeds' phases since this one read it). Its ``seconds`` add the
+        time of earlier runs of it that were interrupted (`record_interrupted`)."""
         with self.locked():
             self._reload_phases()
+            before = self.state["phases"].get(phase, {})
+            if "seconds" in info and before.get("partial_seconds"):
+                info = dict(info, seconds=round(info["seconds"] + before["partial_seconds"], 1),
+                            partial_seconds=before["partial_seconds"], interrupted_runs=before["interrupted_runs"])
             self.state["phases"][phase] = dict(info, done=True)
+            self._save()
+
+    def record_interrupted(self, phase: str, seconds: float) -> None:
+        """Keep the time an interrupted run of `phase` spent (the phase stays to do), so the
+        table's wall times count every run of a resumed phase."""
+        with self.locked():
+            self._reload_phases()
+            before = self.state["phases"].get(phase, {})
+            if before.get("done"):
+                return
+            self.state["phases"][phase] = {"done": False,
+                                           "partial_seconds": round(before.get("partial_seconds", 0.0) + seconds, 1),
+                                           "interrupted_runs": before.get("interrupted_runs", 0) + 1}
             self._save()
 
     def take_seed(self, seed: int, *, wait: bool) -> IO[str] | None:
@@ -527,7 +545,9 @@ def write_report(root: Path, state: dict[str, Any], cfg: StudyConfig, total_seco
         "",
         f"Seeds {', '.join(map(str, cfg.seeds))}; dev split of {cfg.n_dev} questions per seed; "
         f"sampling selectors take {cfg.num_samples} samples. Cells are percent, mean [min, max] over the "
-        f"seeds. Training seconds are the policy's own phase (the SFT rows: the whole base incl. data).",
+        f"seeds. Training seconds are the wall time of the policy's own phase, every run of it when it "
+        f"was interrupted and resumed (the SFT rows: the whole base incl. data); processes sharing the "
+        f"cores make them longer.",
         "",
         "| policy | what | select | " + " | ".join(c for c, _ in COLUMNS) + " | training s |",
         "|---|---|---|" + "---:|" * (len(COLUMNS) + 1),
@@ -684,6 +704,18 @@ def _run_phase(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared:
     key = f"seed{seed}/{phase}"
     t = time.time()
     say(f"== {key} ({clock(t - start)} elapsed)")
+    try:
+        info = _phase_info(study, cfg, seed, phase, shared, say, progress)
+    except BaseException:
+        study.record_interrupted(key, time.time() - t)
+        raise
+    study.record(key, seconds=round(time.time() - t, 1), **info)
+
+
+def _phase_info(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared: _Shared, say: Callable,
+                progress: bool) -> dict[str, Any]:
+    """Run one phase of one seed; its record (without the seconds)."""
+    key = f"seed{seed}/{phase}"
     if phase == "base":
         state = demo.run_demo(study.seed_dir(seed), cfg.demo_config(seed), say=say, progress=progress,
                               stop_after="eval_sft")
@@ -709,7 +741,7 @@ def _run_phase(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared:
             info = _arm(d, cfg, phase[4:], pool, writer, say, progress)
         else:
             info = _evaluate(d, cfg, say)
-    study.record(key, seconds=round(time.time() - t, 1), **info)
+    return info
 
 
 def main_summary(state: dict[str, Any], cfg: StudyConfig) -> str:

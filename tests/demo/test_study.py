@@ -80,6 +80,21 @@ def test_a_signal_during_prm_training_stops_the_study_not_the_phase(tmp_path, mo
         study._prm_train(None, study.smoke_config(), None, None, False)
 
 
+def test_a_resumed_phase_counts_the_time_of_every_run(tmp_path):
+    """An interrupted phase keeps its time (and stays to do); when a later run finishes it,
+    its seconds are the sum, so the table's wall times do not drop the runs before a resume."""
+    d = study.StudyDir(tmp_path / "s", study.smoke_config())
+    d.record_interrupted("seed0/cocte_sft", 100.0)
+    d.record_interrupted("seed0/cocte_sft", 20.5)
+    assert not d.done("seed0/cocte_sft")
+    again = study.StudyDir(tmp_path / "s", study.smoke_config())  # a new process reads the marker
+    again.record("seed0/cocte_sft", seconds=30.0, steps=300)
+    rec = json.loads((tmp_path / "s" / "jaxsql_study.json").read_text())["phases"]["seed0/cocte_sft"]
+    assert rec == {"done": True, "seconds": 150.5, "steps": 300, "partial_seconds": 120.5, "interrupted_runs": 2}
+    again.record_interrupted("seed0/cocte_sft", 9.0)  # a finished phase is not reopened
+    assert again.done("seed0/cocte_sft")
+
+
 def _finished_phases(cfg) -> dict:
     """Marker records of every phase of every seed of `cfg`, with eval results."""
     r = {"ex_set": 0.25, "ex_bag": 0.25, "error_rate": 0.5, "qatch": 0.4}
