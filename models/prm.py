@@ -212,7 +212,8 @@ def grouped_step_scores(params: Params, cfg: ModelConfig, head: str, candidates:
                         prompt_NP: jax.Array, prompt_mask_NP: jax.Array, rest_BR: jax.Array,
                         rest_mask_BR: jax.Array, positions_BK: jax.Array) -> jax.Array:
     """`step_scores` of B = N x G rows whose first tokens are one of N prompts, each prompt
-    run once (GRPO's G samples share their prompt, and the prompt is most of a PRM row).
+    run once (GRPO's G samples share their prompt, which is about half of a PRM row in the
+    study; the steps with their rendered results are the rest).
 
     Row b is prompt ``b // G`` (left-padded, ``prompt_mask_NP`` marks real tokens) followed
     by ``rest_BR[b]`` (right-padded): the prompts fill a KV cache, repeated G times, that the
