@@ -29,6 +29,10 @@ directory, so its first phases are the demo's own):
    with each selector of `StudyConfig.selectors`, through ``jaxsql eval``
    itself (``OUT/seed<S>/eval/<policy>/<selector>``, its ``metrics.json``).
 
+Every training phase of seed S writes its rows (``phase`` = the phase's name) to
+``OUT/seed<S>/metrics.jsonl`` and ``OUT/seed<S>/tensorboard/``, beside the base
+phases' ``sft`` and ``eval`` rows.
+
 Then ``report`` writes ``OUT/study.md`` (one table: EX set, refined EX,
 error rate, QATCH, training wall time; mean and range over the seeds) and
 ``OUT/study.png``. The marker ``OUT/jaxsql_study.json`` records the
@@ -670,13 +674,14 @@ def run_study(out_dir: str | Path, config: StudyConfig | None = None, *, say: Ca
 
 
 class _Shared:
-    """The SQL pool and the metrics writer the phases of one `run_study` share, made on first use."""
+    """The SQL pool the phases of one `run_study` share and each seed's metrics writer (its
+    demo directory's ``metrics.jsonl`` and ``tensorboard/``, beside the base phases' rows),
+    made on first use."""
 
     def __init__(self, study: StudyDir) -> None:
         self.study = study
         self._pool = None
-        self._writer = None
-        self._made_writer = False
+        self._writers: dict[int, Any] = {}
 
     @property
     def pool(self):
@@ -686,14 +691,14 @@ class _Shared:
             self._pool = SqlPool(2)
         return self._pool
 
-    @property
-    def writer(self):
-        if not self._made_writer:
-            self._writer, self._made_writer = self.study.metrics_writer(), True
-        return self._writer
+    def writer(self, d: demo.DemoDir, seed: int):
+        """Seed `seed`'s writer (None on processes that write no files)."""
+        if seed not in self._writers:
+            self._writers[seed] = d.metrics_writer()
+        return self._writers[seed]
 
     def close(self) -> None:
-        for resource in (self._pool, self._writer):
+        for resource in (self._pool, *self._writers.values()):
             if resource is not None:
                 resource.close()
 
@@ -724,7 +729,7 @@ def _phase_info(study: StudyDir, cfg: StudyConfig, seed: int, phase: str, shared
         info = {"eval_sft": state["phases"]["eval_sft"]["summary"]}
     else:
         d = demo.DemoDir(study.seed_dir(seed), cfg.demo_config(seed))
-        pool, writer = shared.pool, shared.writer
+        pool, writer = shared.pool, shared.writer(d, seed)
         if phase == "cocte_data":
             info = _cocte_data(d, pool)
         elif phase == "cocte_sft":

@@ -190,14 +190,14 @@ def test_smoke_study_end_to_end_with_resume(tmp_path, capsys):
         m = json.loads((out / "seed0" / "eval" / name / "greedy" / "metrics.json").read_text())
         assert "tool/used_share" in m["summary"] and m["config"]["multi_turn"]
     assert not (out / "seed0" / "eval" / "multiturn" / "prm-best-of-n").exists()
-    assert any("tool/used_share" in r for r in read_metrics(out / "metrics.jsonl", "arm_multiturn"))
+    assert any("tool/used_share" in r for r in read_metrics(out / "seed0" / "metrics.jsonl", "arm_multiturn"))
     assert not (out / "seed0" / "eval" / "answers" / "prm-best-of-n").exists()  # a plain-SQL policy
     assert (out / "seed0" / "eval" / "rewardsql" / "prm-best-of-n" / "metrics.json").is_file()
     table = (out / "study.md").read_text()
     assert all(f"| {a} |" in table for a in cfg.arms) and (out / "study.png").is_file()
     assert marker["phases"]["seed0/prm_train"]["step"] == 2
-    arm_rows = read_metrics(out / "metrics.jsonl", "arm_rewardsql")
+    arm_rows = read_metrics(out / "seed0" / "metrics.jsonl", "arm_rewardsql")
     assert arm_rows and all("reward/process_mean" in r and "time/prm_s" in r for r in arm_rows)
-    assert not any("reward/process_mean" in r for r in read_metrics(out / "metrics.jsonl", "arm_answers"))
+    assert not any("reward/process_mean" in r for r in read_metrics(out / "seed0" / "metrics.jsonl", "arm_answers"))
     assert cli_main(["study", "--out", str(out), "--smoke"]) == 0
     assert "already complete" in capsys.readouterr().err
