@@ -168,8 +168,6 @@ def test_hostile_calls_become_observations_and_the_batch_finishes(monkeypatch, p
     """A write, a never-ending recursion then a call past the SQL-time budget, a call over
     max_call_chars, calls past max_turns: each an observation with its error kind; a normal
     row in the same batch is unaffected."""
-    import time
-
     cfg = ToolConfig(max_turns=2, max_sql_s=0.5, max_call_chars=120)
     forever = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"
     long_q = "SELECT name FROM item WHERE " + " OR ".join(f"id = {i}" for i in range(40))
@@ -181,9 +179,9 @@ def test_hostile_calls_become_observations_and_the_batch_finishes(monkeypatch, p
         ["<sql>SELECT 1</sql>", "<sql>SELECT 2</sql>", "<sql>SELECT 3</sql>", answer],
         ["<sql>SELECT name FROM item WHERE price > 2</sql>", answer],
     ]
-    t0 = time.perf_counter()
+    # bounded: the endless recursion ends as "timeout" at its deadline (an unbounded one would
+    # hang until pytest's timeout); no wall-clock assertion, which a loaded machine breaks
     out = _run(monkeypatch, policy, scripts, [db] * 5, pool, tool_cfg=cfg, max_new_tokens=600)
-    assert time.perf_counter() - t0 < 30
     eps = out.episodes
     assert [c.error for c in eps[0].calls] == ["denied"] and eps[0].end == "answer"
     assert [c.error for c in eps[1].calls] == ["timeout", "sql_time"] and eps[1].end == "sql_time"
